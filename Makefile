@@ -1,0 +1,37 @@
+# Two entry points: `make demo` and `make test`. Both set up .venv idempotently.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.fairllava-installed
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast bench results clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/lock.txt requirements/nodeps.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q torch==2.13.0            # FIRST: the CPU wheel; nothing below may replace it
+	$(PIP) install -q -r requirements/lock.txt
+	$(PIP) install -q --no-deps -r requirements/nodeps.txt
+	$(PIP) install -q --no-deps -e .
+	@! $(PY) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('torchvision') is None)" || (echo "torchvision must not be installed beside torch 2.13 CPU" && exit 1)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fairllava demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="fairllava",
+    help="Fair fine-tuning (FairLLaVA) and fairness auditing of vision-language assistants.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
