@@ -133,3 +133,23 @@ def test_dataset_to_collator(tmp_path, proc):
     assert item["image"].mode == "RGB" and item["attr_ids"] == {"sex": 1, "age_group": 0, "race": 2}
     batch = VLMCollator(proc, ds.vocabs)([item])
     assert batch["attr_labels"]["race"].tolist() == [2] and batch["image_mask"].sum() == 4
+
+
+def test_tiny_llava_forward_on_collated_batch():
+    """The batch feeds the real (tiny) HF LLaVA: image tokens match features, loss is finite."""
+    from fairllava.models.tiny import build_tiny_llava
+
+    model, processor = build_tiny_llava()
+    items = _items()
+    batch = VLMCollator(processor, default_vocabs(["sex", "race"]))(items)
+    n_img = int(batch["image_mask"].sum())
+    assert n_img > 0 and n_img % 2 == 0 and batch["image_mask"][1].sum() == 0
+    assert (batch["input_ids"][batch["image_mask"]] == model.config.image_token_index).all()
+    for b, ans in enumerate(["the heart size is normal.", "no pleural effusion.", "lungs are clear."]):
+        lab = batch["labels"][b]
+        kept = lab[lab != IGNORE_INDEX].tolist()
+        assert processor.tokenizer.decode(kept, skip_special_tokens=True) == ans
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], labels=batch["labels"])
+    assert torch.isfinite(out.loss)
