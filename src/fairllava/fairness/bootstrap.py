@@ -1,0 +1,57 @@
+"""Seeded percentile bootstrap as resample-multiplicity matrices.
+
+Why matrices: a resample is a vector of multiplicities ``w`` (how often each sample was drawn), so any
+sum-of-statistics metric on it is ``w @ stats``; 1000 resamples are one ``[B, N] @ [N, K]`` product.
+Seeds are ``SeedSequence(seed, spawn_key=(stable_hash(run, attribute, metric),))`` (EVALUATION §5.2): every
+(attribute, metric) cell gets its own reproducible stream, independent of evaluation order and process.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..io import stable_hash
+
+
+def rng_for(seed: int, run: str, attribute: str, metric: str) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(stable_hash(run, attribute, metric),)))
+
+
+def _counts(draws: np.ndarray, n: int) -> np.ndarray:
+    """Row-wise bincount of ``draws[B, m]`` (indices < n) -> multiplicities ``[B, n]``."""
+    B = draws.shape[0]
+    flat = (draws + (np.arange(B, dtype=np.int64) * n)[:, None]).ravel()
+    return np.bincount(flat, minlength=B * n).reshape(B, n).astype(np.float64)
+
+
+def resample_weights(n: int, n_boot: int, rng: np.random.Generator,
+                     strata: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """``[n_boot, n]`` multiplicities of an iid resample, or one stratified by ``strata`` (index arrays
+    partitioning ``range(n)``; each stratum keeps its size)."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if strata is None:
+        return _counts(rng.integers(0, n, size=(n_boot, n)), n)
+    W = np.zeros((n_boot, n))
+    covered = 0
+    for idx in strata:
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(idx) == 0:
+            continue
+        covered += len(idx)
+        local = _counts(rng.integers(0, len(idx), size=(n_boot, len(idx))), len(idx))
+        W[:, idx] += local
+    if covered != n:
+        raise ValueError(f"strata cover {covered} of {n} samples; they must partition the sample set")
+    return W
+
+
+def percentile_ci(samples: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """Percentile interval of bootstrap replicates (NaN replicates ignored); None if all are NaN."""
+    samples = np.asarray(samples, dtype=np.float64)
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return None
+    lo, hi = np.percentile(finite, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return [float(lo), float(hi)]

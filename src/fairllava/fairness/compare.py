@@ -1,0 +1,118 @@
+"""Paired bootstrap comparison of two systems (EVALUATION §5.3).
+
+Both systems are scored on the intersection of their sample ids with the *same* resample indices (the
+seed of each (attribute, metric) cell depends only on run/attribute/metric and the shared id order), so
+the bootstrap distribution of the difference is paired. A is the baseline, B the method:
+gap ``d* = Δ*_A − Δ*_B``, ES ``d* = ES*_B − ES*_A``; one-sided ``p = (1 + #{d* <= 0}) / (1 + R)``
+(H1: B is fairer); two-sided ``min(1, 2·min(p, 1 − p))``; optional Holm over the whole table.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import FairllavaError
+from .evaluate import EvalData, FairnessResult, evaluate_predictions, load_predictions
+
+
+@dataclass
+class ComparisonResult:
+    results: dict[str, FairnessResult]
+    pvalues: list[dict]
+    meta: dict = field(default_factory=dict)
+
+
+def paired_pvalue(d: np.ndarray) -> tuple[float | None, float | None]:
+    """One- and two-sided p for H1: d > 0, from paired bootstrap replicates (NaN replicates dropped)."""
+    d = np.asarray(d, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return None, None
+    p = (1.0 + np.sum(d <= 0)) / (1.0 + d.size)
+    return float(p), float(min(1.0, 2.0 * min(p, 1.0 - p)))
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm–Bonferroni adjusted p-values (None entries are left out and stay None)."""
+    idx = [i for i, p in enumerate(pvalues) if p is not None]
+    m = len(idx)
+    order = sorted(idx, key=lambda i: pvalues[i])
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def _as_data(p, task: str) -> EvalData:
+    return p if isinstance(p, EvalData) else load_predictions(p, task)
+
+
+def align(a: EvalData, b: EvalData, strict_ids: bool = False) -> tuple[EvalData, EvalData, dict]:
+    """Restrict both to the shared ids (A's order); B takes A's references/attributes/labels after checking them."""
+    pos_b = {rid: i for i, rid in enumerate(b.ids)}
+    shared = [i for i, rid in enumerate(a.ids) if rid in pos_b]
+    only_a, only_b = a.n - len(shared), b.n - len(shared)
+    if not shared:
+        raise FairllavaError(f"{a.source} and {b.source} share no sample ids (e.g. {a.ids[0]!r} vs {b.ids[0]!r})")
+    if strict_ids and (only_a or only_b):
+        raise FairllavaError(f"{a.source} and {b.source} have mismatched ids: {only_a} only in the first, "
+                             f"{only_b} only in the second")
+    for i in shared:
+        j = pos_b[a.ids[i]]
+        if a.references[i] != b.references[j]:
+            raise FairllavaError(f"{b.source} (id={a.ids[i]}): reference differs from {a.source}; "
+                                 "both systems must be scored against the same references")
+        if a.labels is not None and b.labels is not None and a.labels[i] != b.labels[j]:
+            raise FairllavaError(f"{b.source} (id={a.ids[i]}): label differs from {a.source}")
+    a2 = a.subset(shared)
+    b2 = a.subset(shared)
+    b2.predictions = [b.predictions[pos_b[rid]] for rid in a2.ids]
+    b2.source = b.source
+    from .evaluate import _hash_rows
+    b2.data_hash = _hash_rows(b2, range(b2.n))
+    return a2, b2, {"n_shared": len(shared), "n_only_first": only_a, "n_only_second": only_b}
+
+
+def compare(preds_a, preds_b, task: str = "report", names: tuple[str, str] = ("baseline", "method"),
+            holm_correction: bool = False, strict_ids: bool = False, **kwargs: Any) -> ComparisonResult:
+    """Evaluate A (baseline) and B (method) on their shared ids and test gap/ES differences.
+
+    ``kwargs`` go to :func:`evaluate_predictions` (attributes, n_min, n_boot, seed, es_variant, metrics, ...).
+    """
+    if names[0] == names[1]:
+        raise ValueError(f"names must differ, got {names}")
+    if kwargs.get("n_boot", 1000) < 1:
+        raise ValueError("compare needs n_boot >= 1")
+    a, b = _as_data(preds_a, task), _as_data(preds_b, task)
+    a, b, counts = align(a, b, strict_ids)
+    kwargs.setdefault("run", "fairllava")
+    ra = evaluate_predictions(a, task, **kwargs)
+    rb = evaluate_predictions(b, task, **kwargs)
+    es_key = "es" if ra.es_variant == "maxmin" else "es_fairclip"
+    rows = []
+    for attr in ra.attributes:
+        for m in ra.metrics:
+            if m not in rb.metrics:
+                continue
+            A, B = ra.replicates[(attr, m)], rb.replicates[(attr, m)]
+            for quantity, d, va, vb in (
+                ("gap", A["gap"] - B["gap"], ra.gap[attr][m], rb.gap[attr][m]),
+                (es_key, B[es_key] - A[es_key], ra.es_reported[attr][m], rb.es_reported[attr][m]),
+            ):
+                p1, p2 = paired_pvalue(d)
+                rows.append({"attribute": attr, "metric": m, "quantity": quantity, names[0]: va, names[1]: vb,
+                             "diff": None if va is None or vb is None else (va - vb if quantity == "gap" else vb - va),
+                             "p_one_sided": p1, "p_two_sided": p2})
+    if holm_correction:
+        for r, p in zip(rows, holm([r["p_one_sided"] for r in rows])):
+            r["p_holm"] = p
+    meta = dict(counts, names=list(names), baseline=names[0], method=names[1], n_resamples=ra.meta["n_resamples"],
+                seed=ra.meta["seed"], run=ra.meta["run"], holm=holm_correction, es_variant=ra.es_variant,
+                test="paired one-sided bootstrap: p = (1 + #{d* <= 0}) / (1 + R); gap d* = gap_base - gap_method; "
+                     "ES d* = ES_method - ES_base; two-sided = min(1, 2 min(p, 1 - p))")
+    return ComparisonResult({names[0]: ra, names[1]: rb}, rows, meta)
