@@ -352,6 +352,14 @@ def efficientnet_lite0_weights_path() -> Path:
     return path
 
 
+def load_encoder_weights(model: "EffnetLlavaForConditionalGeneration", path: str | os.PathLike | None = None) -> None:
+    """Load the ImageNet EfficientNet-Lite0 weights (``torch.load(weights_only=True)``) into the vision tower."""
+    path = Path(path) if path is not None else efficientnet_lite0_weights_path()
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+    model.model.vision_tower.load_state_dict(state, strict=True)
+
+
 def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     """Dequantise the SmolLM2 GGUF once into ``<home>/smollm2-135m-instruct`` (fp32 safetensors + tokenizer)."""
     home = fairllava_home(cache_dir)
@@ -446,9 +454,7 @@ def build_embedded_vlm(
     bad = (set(missing) - want_missing) | set(unexpected)
     if bad:
         raise RuntimeError(f"SmolLM2 weights do not match the embedded VLM's language model: {sorted(bad)[:5]}")
-    enc_state = torch.load(str(enc_weights), map_location="cpu", weights_only=True)
-    enc_state = {k: v for k, v in enc_state.items() if not k.startswith("_fc.")}
-    model.model.vision_tower.load_state_dict(enc_state, strict=True)
+    load_encoder_weights(model, enc_weights)
     model.tie_weights()
 
     # Room for <image>: its embedding row is never read (replaced by image features); its output row is set
@@ -469,6 +475,7 @@ def build_embedded_vlm(
     gc.bos_token_id = tok.bos_token_id
     gc.do_sample = False
     gc.num_beams = 1
+    gc.suppress_tokens = [image_id]  # the placeholder must never be generated
     for key in ("temperature", "top_p", "top_k"):
         if hasattr(gc, key):
             setattr(gc, key, None)
@@ -526,6 +533,7 @@ __all__ = [
     "ensure_embedded_vlm",
     "ensure_smollm2",
     "fairllava_home",
+    "load_encoder_weights",
     "save_embedded_vlm",
     "smollm2_gguf_path",
 ]

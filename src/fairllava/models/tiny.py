@@ -172,6 +172,7 @@ def build_tiny_llava(
     gc.pad_token_id = tok.pad_token_id
     gc.do_sample = False
     gc.num_beams = 1
+    gc.suppress_tokens = [config.image_token_id]  # the placeholder must never be generated
     return model, processor
 
 
