@@ -8,6 +8,7 @@ saved with the run.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,6 +21,7 @@ from ..errors import FairllavaError
 
 METHODS = ("lora", "fairllava", "reweight", "resample", "adversarial")
 _REQUIRED = dataclasses.MISSING
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 @dataclass
@@ -256,6 +258,8 @@ def _build(tp: Any, value: Any, where: str) -> Any:
             raise FairllavaError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads "2e-4" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise FairllavaError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -365,7 +369,7 @@ def load_config(
     file_data: dict = {}
     if path is not None:
         file_data = _read_yaml(Path(path))
-        where = str(path)
+        where = f"{path}: config"
         base = file_data.pop("preset", None)
         if base is not None:
             if preset_name is not None and preset_name != base:

@@ -237,6 +237,7 @@ class FairTrainer:
         self.cfg = config
         self.resume = resume
         self.run_dir = Path(config.output_dir)
+        self.module: Optional[TrainingModule] = None
 
     # -- setup ---------------------------------------------------------------------------------
     def _check_run_dir(self) -> Optional[Path]:
@@ -516,6 +517,7 @@ class FairTrainer:
             logger.close()
 
         accelerator.wait_for_everyone()
+        self.module = accelerator.unwrap_model(module)  # for inspection after training (notebooks, tests)
         if main:
             self._finish(accelerator.unwrap_model(module).model, method, state.step, time.time() - t0, world, total)
         accelerator.wait_for_everyone()

@@ -1,0 +1,139 @@
+"""Method building blocks: gradient reversal, GRL schedule, discriminator, per-sample LM loss, gradient routing."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fairllava.training.methods import (
+    DACMLP, AdversarialMethod, GradientReversal, LinearRampSchedule, ReweightMethod, grad_reverse, masked_mean,
+    per_sample_lm_loss, token_mean_lm_loss,
+)
+
+
+def test_gradient_reversal_scales_and_flips():
+    x = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(3, 4)
+    (grad_reverse(x, 0.7) * w).sum().backward()
+    assert torch.allclose(x.grad, -0.7 * w)
+    assert torch.equal(grad_reverse(x, 0.7), x)
+
+
+def test_gradient_reversal_requires_float_strength():
+    x = torch.randn(2, requires_grad=True)
+    with pytest.raises(TypeError, match="strength must be a float"):
+        GradientReversal.apply(x, None)
+    with pytest.raises(TypeError):
+        GradientReversal.apply(x)  # the reference's bug: strength never passed
+
+
+def test_linear_ramp_schedule():
+    s = LinearRampSchedule(start=0.1, end=1.0, from_frac=0.01, to_frac=0.9)
+    assert s(0.0) == pytest.approx(0.1) and s(0.01) == pytest.approx(0.1)
+    assert s(0.9) == pytest.approx(1.0) and s(1.0) == pytest.approx(1.0)
+    mid = (0.01 + 0.9) / 2
+    assert s(mid) == pytest.approx(0.55)
+    vals = [s(p / 100) for p in range(101)]
+    assert all(a <= b for a, b in zip(vals, vals[1:]))
+    with pytest.raises(ValueError):
+        LinearRampSchedule(0.1, 1.0, 0.9, 0.5)
+
+
+def test_dacmlp_architecture_and_shapes():
+    d = DACMLP(hidden_size=16, num_taps=3, num_classes=5, dropout=0.1)
+    assert len(d.per_layer) == 3
+    blk = d.per_layer[0]
+    assert isinstance(blk[0], torch.nn.LayerNorm) and blk[1].in_features == 16 and blk[1].out_features == 16
+    assert isinstance(blk[2], torch.nn.GELU) and isinstance(blk[3], torch.nn.Dropout)
+    assert d.head[0].out_features == 32 and d.head[3].out_features == 5
+    out = d([torch.randn(4, 16) for _ in range(3)])
+    assert out.shape == (4, 5)
+    with pytest.raises(ValueError, match="expected 3 tapped features"):
+        d([torch.randn(4, 16)])
+
+
+def test_per_sample_lm_loss_matches_manual():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.full((3, 6), -100)
+    labels[0, 3:] = torch.tensor([1, 2, 3])
+    labels[1, 5] = 7
+    per, n = per_sample_lm_loss(logits, labels)
+    assert n.tolist() == [3, 1, 0]
+    man0 = F.cross_entropy(logits[0, 2:5], labels[0, 3:6])
+    man1 = F.cross_entropy(logits[1, 4:5], labels[1, 5:6])
+    assert torch.allclose(per[:2], torch.stack([man0, man1]), atol=1e-6) and per[2] == 0
+    tok = token_mean_lm_loss(logits, labels)
+    assert torch.allclose(tok, (man0 * 3 + man1) / 4, atol=1e-6)
+
+
+def test_reweight_loss_uses_weights_by_id():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.full((2, 5), -100)
+    labels[:, 2:] = torch.randint(0, 7, (2, 3))
+    per, _ = per_sample_lm_loss(logits, labels)
+    m = ReweightMethod({"a": 2.0, "b": 0.5})
+    loss, logs = m.lm_loss(logits, {"labels": labels, "ids": ["a", "b"]})
+    assert torch.allclose(loss, (2.0 * per[0] + 0.5 * per[1]) / 2)
+    assert logs["lm_loss"] == pytest.approx(float(per.mean()))
+    with pytest.raises(KeyError, match="no weight for sample id 'c'"):
+        m.lm_loss(logits, {"labels": labels, "ids": ["a", "c"]})
+
+
+def _adv(taps=(1, 2), fairness_lambda=1.0):
+    cfg = types.SimpleNamespace(taps=list(taps), hidden=None, dropout=0.0, fairness_lambda=fairness_lambda,
+                                ce_loss_weight=1.0, grl_start=0.1, grl_end=None, ramp_from_frac=0.01, ramp_to_frac=0.9,
+                                loss_mode="balanced", token_mode="all")
+    return AdversarialMethod(8, {"sex": 2}, cfg, total_steps=10, class_counts={"sex": torch.tensor([3.0, 1.0])})
+
+
+def test_adversarial_discriminator_gets_only_its_own_ce_gradient():
+    """Backbone features get the reversed gradient; the discriminator's own gradient is that of +CE."""
+    torch.manual_seed(0)
+    m = _adv()
+    m.hidden_indices(4)
+    h = {i: torch.randn(4, 5, 8, requires_grad=True) for i in (1, 2)}
+    batch = {"attention_mask": torch.ones(4, 5, dtype=torch.long), "image_mask": torch.zeros(4, 5, dtype=torch.bool),
+             "attr_labels": {"sex": torch.tensor([0, 1, 0, -100])}, "labels": torch.full((4, 5), -100)}
+    logits = torch.zeros(4, 5, 3, requires_grad=True)
+    out = m.compute(logits, h, batch, progress=0.5, step=5)
+    strength = m.schedule(0.5)
+    assert out.logs["grl_strength"] == pytest.approx(strength)
+    out.loss.backward()
+    disc_grads = [p.grad.clone() for p in m.module.parameters()]
+    feat_grad = h[1].grad.clone()
+    # Reference: plain CE (no reversal) on the same features.
+    for p in m.module.parameters():
+        p.grad = None
+    h2 = {i: t.detach().clone().requires_grad_(True) for i, t in h.items()}
+    feats = [masked_mean(h2[i], batch["attention_mask"].bool()) for i in (1, 2)]
+    ce = F.cross_entropy(m.module["sex"](feats)[:3], torch.tensor([0, 1, 0]))
+    ce.backward()
+    for g, p in zip(disc_grads, m.module.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6), "discriminator must get exactly its own CE gradient"
+    assert torch.allclose(feat_grad, -strength * h2[1].grad, atol=1e-6), "features must get the reversed gradient"
+    assert out.logs["n_valid/sex"] == 3
+
+
+def test_adversarial_taps_out_of_range():
+    m = _adv(taps=(1, 9))
+    with pytest.raises(ValueError, match=r"adversarial\.taps: \[9\] out of range"):
+        m.hidden_indices(5)
+
+
+def test_adversarial_pretraining_is_detached_and_uses_loss_mode():
+    torch.manual_seed(0)
+    m = _adv()
+    m.hidden_indices(4)
+    m.pretraining = True
+    h = {i: torch.randn(4, 5, 8, requires_grad=True) for i in (1, 2)}
+    batch = {"attention_mask": torch.ones(4, 5, dtype=torch.long), "image_mask": torch.zeros(4, 5, dtype=torch.bool),
+             "attr_labels": {"sex": torch.tensor([0, 1, 0, 0])}}
+    out = m.compute(None, h, batch, 0.0, 0)
+    out.loss.backward()
+    assert h[1].grad is None  # backbone frozen: features detached
+    assert all(p.grad is not None for p in m.module.parameters())
+    assert "grl_strength" not in out.logs
