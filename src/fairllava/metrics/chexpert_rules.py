@@ -31,7 +31,7 @@ KEYWORDS: dict[str, list[str]] = {
                      r"heart (?:size )?is (?:mildly |moderately |severely )?(?:enlarged|large)", r"cardiac enlargement"],
     "Lung Opacity": [r"opacit(?:y|ies)", r"infiltrat\w*", r"air ?space disease", r"(?:hazy|patchy) (?:density|densities)",
                      r"ground[- ]glass", r"reticular\w*"],
-    "Lung Lesion": [r"nodules?", r"mass(?:es)?", r"lesions?", r"tumou?rs?", r"neoplasms?", r"carcinoma", r"granulomas?"],
+    "Lung Lesion": [r"nodules?", r"mass(?:es)?", r"lesions?", r"tumou?rs?", r"neoplasms?", r"carcinoma", r"cavitary lesions?"],
     "Edema": [r"edema", r"oedema", r"vascular congestion", r"pulmonary congestion", r"heart failure", r"chf"],
     "Consolidation": [r"consolidat\w*"],
     "Pneumonia": [r"pneumonia", r"infection", r"infectious process"],
@@ -139,3 +139,67 @@ def keyword_f1_metrics(predictions: Sequence[str], references: Sequence[str]) ->
     meta = {"package": "fairllava.metrics.chexpert_rules", "variant": "rule-based keyword+negation labeler "
             "(approximation of CheXpert labels; NOT CheXbert)", "scale": "percent", "level": "corpus"}
     return label_f1_metrics(label_reports(predictions), label_reports(references), "keyword_f1", meta)
+
+
+# --- agreement with the IU X-ray MeSH tags (measures the approximation; no text is stored) ---------------
+
+MESH_TO_CONDITION = {
+    "normal": "No Finding", "Opacity": "Lung Opacity", "Airspace Disease": "Lung Opacity", "Infiltrate": "Lung Opacity",
+    "Density": "Lung Opacity", "Cardiomegaly": "Cardiomegaly", "Pulmonary Atelectasis": "Atelectasis",
+    "Pleural Effusion": "Pleural Effusion", "Catheters, Indwelling": "Support Devices",
+    "Surgical Instruments": "Support Devices", "Implanted Medical Device": "Support Devices",
+    "Tube, Inserted": "Support Devices", "Medical Device": "Support Devices", "Stents": "Support Devices",
+    "Nodule": "Lung Lesion", "Mass": "Lung Lesion", "Fractures, Bone": "Fracture", "Pulmonary Edema": "Edema",
+    "Pulmonary Congestion": "Edema", "Heart Failure": "Edema", "Pneumonia": "Pneumonia",
+    "Consolidation": "Consolidation", "Pneumothorax": "Pneumothorax",
+}
+
+
+def iu_reports_path() -> str:
+    """``NLMCXR_reports.tgz`` inside the installed torchxrayvision wheel (located, never imported)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("torchxrayvision")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("torchxrayvision wheel not installed (pip install --no-deps torchxrayvision)")
+    return os.path.join(os.path.dirname(spec.origin), "data", "NLMCXR_reports.tgz")
+
+
+def iu_mesh_agreement(tgz_path: str | None = None) -> dict:
+    """Rule labels on FINDINGS + IMPRESSION vs conditions implied by the MeSH/major tags of IU X-ray reports.
+
+    Only conditions reachable from MeSH (see ``MESH_TO_CONDITION``) are scored; reports tagged
+    ``No Indexing`` or with neither section are skipped. Returns per-condition support/precision/recall/F1
+    and micro/macro F1 (percent). Reads the licensed archive at run time; nothing is written.
+    """
+    import tarfile
+    import xml.etree.ElementTree as ET
+
+    conds = sorted(set(MESH_TO_CONDITION.values()), key=CONDITIONS.index)
+    texts, truth = [], []
+    with tarfile.open(tgz_path or iu_reports_path()) as tar:
+        for member in tar:
+            if not (member.isfile() and member.name.endswith(".xml")):
+                continue
+            root = ET.fromstring(tar.extractfile(member).read())
+            tags = [(m.text or "").split("/")[0].strip() for m in root.iter("major")]
+            if not tags or "No Indexing" in tags:
+                continue
+            parts = [a.text or "" for a in root.iter("AbstractText") if a.get("Label") in ("FINDINGS", "IMPRESSION")]
+            if not any(p.strip() for p in parts):
+                continue
+            texts.append(" ".join(parts))
+            truth.append([float(any(MESH_TO_CONDITION.get(t) == c for t in tags)) for c in conds])
+    pred = binarize(label_reports(texts))[:, [CONDITIONS.index(c) for c in conds]]
+    ref = np.array(truth)
+    per = {}
+    for j, c in enumerate(conds):
+        tp = float((pred[:, j] * ref[:, j]).sum())
+        fp = float((pred[:, j] * (1 - ref[:, j])).sum())
+        fn = float(((1 - pred[:, j]) * ref[:, j]).sum())
+        per[c] = {"support": int(ref[:, j].sum()), "precision": 100 * tp / (tp + fp) if tp + fp else 0.0,
+                  "recall": 100 * tp / (tp + fn) if tp + fn else 0.0, "f1": 200 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0}
+    tp, fp, fn = (pred * ref).sum(), (pred * (1 - ref)).sum(), ((1 - pred) * ref).sum()
+    return {"n_reports": len(texts), "conditions": per, "micro_f1": float(200 * tp / (2 * tp + fp + fn)),
+            "macro_f1": float(np.mean([v["f1"] for v in per.values()]))}
