@@ -71,3 +71,12 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
     _assert_one_line_error(code, out, "already exists")
     for d in ("o1", "o2", "o3", "o4"):
         assert not (tmp_path / d).exists()
+
+
+def test_type_errors_name_the_real_line(tmp_path, monkeypatch, capsys):
+    rows = report_rows(3)
+    rows[2]["prediction"] = None
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n" + json.dumps(rows[2]) + "\n")
+    code, out = _run(monkeypatch, capsys, "evaluate", "--predictions", str(p), "--out", str(tmp_path / "o"))
+    _assert_one_line_error(code, out, "p.jsonl:4 (id=r2): 'prediction' must be a string")

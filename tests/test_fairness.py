@@ -230,3 +230,11 @@ def test_counterfactual_pairs_greedy_within_label_buckets():
     assert out["m"]["n_pairs"] == 2 and out["m"]["mean_abs_diff"] == pytest.approx(15.0)
     lo, hi = out["m"]["ci"]
     assert 10 <= lo <= hi <= 20
+
+
+def test_report_label_keys_bucket_by_findings_and_view():
+    from fairllava.fairness import report_label_keys
+
+    keys = report_label_keys(["Small left pleural effusion.", "There is a left pleural effusion.", "Lungs are clear."],
+                             extra=["PA", "PA", "PA"])
+    assert keys[0] == keys[1] != keys[2]

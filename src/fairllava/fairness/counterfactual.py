@@ -70,3 +70,16 @@ def counterfactual_gap(scores: dict[str, np.ndarray], pairs: Sequence[tuple[int,
             ci = percentile_ci(d[draws].mean(axis=1))
         out[m] = {"n_pairs": int(len(d)), "mean_abs_diff": float(d.mean()), "ci": ci}
     return out
+
+
+def report_label_keys(references: Sequence[str], extra: Sequence[Hashable] | None = None) -> list[tuple]:
+    """Bucket keys for matching: the binarised 14-finding rule labels of each reference (plus e.g. the view)."""
+    from ..metrics.chexpert_rules import binarize, label_reports
+
+    labels = binarize(label_reports(list(references))).astype(int)
+    keys = [tuple(row) for row in labels.tolist()]
+    if extra is not None:
+        if len(extra) != len(keys):
+            raise ValueError(f"extra has {len(extra)} entries for {len(keys)} references")
+        keys = [k + (e,) for k, e in zip(keys, extra)]
+    return keys

@@ -75,7 +75,9 @@ def load_predictions(preds: Sequence[dict] | str | os.PathLike, task: str = "rep
     if isinstance(preds, (str, os.PathLike)):
         source = str(preds)
         rows = read_jsonl(preds, required=required)
-        where = lambda i: f"{source}:{i + 1}"  # noqa: E731 (line numbers match when no blank lines)
+        with open(preds, encoding="utf-8") as f:  # line numbers of the non-blank lines, for error messages
+            lines = [k for k, line in enumerate(f, 1) if line.strip()]
+        where = lambda i: f"{source}:{lines[i]}"  # noqa: E731
     else:
         source = "<predictions>"
         rows = list(preds)

@@ -56,7 +56,8 @@ def _weights(path: str | os.PathLike | None, env: str, metric: str) -> str | Non
 
 
 class CheXbertLabeler:
-    """CheXbert labels via the ``f1chexbert`` package, from a local checkpoint (or the hub when online)."""
+    """CheXbert labels via ``f1chexbert`` (``F1CheXbert.get_label(report, mode="rrg")``), from a local checkpoint
+    (argument or ``FAIRLLAVA_CHEXBERT_WEIGHTS``) or the package's hub download when online."""
 
     name = "chexbert"
 
@@ -65,23 +66,29 @@ class CheXbertLabeler:
         ckpt = _weights(weights, "FAIRLLAVA_CHEXBERT_WEIGHTS", "CheXbert F1")
         kwargs = {"device": device}
         if ckpt is not None:
-            os.environ.setdefault("CHEXBERT_CHECKPOINT", ckpt)
-        self._model = mod.F1CheXbert(**kwargs)
+            kwargs["chexbert_checkpoint"] = ckpt
+        try:
+            self._model = mod.F1CheXbert(**kwargs)
+        except TypeError:
+            raise FairllavaError("CheXbert F1: the installed f1chexbert does not accept a local checkpoint "
+                                 "(chexbert_checkpoint=...); upgrade it or unset FAIRLLAVA_CHEXBERT_WEIGHTS") from None
 
     def label(self, texts: Sequence[str]) -> np.ndarray:
-        # f1chexbert returns CheXbert's 14 classes in CheXpert order: 1 pos, 0 neg/blank, -1 uncertain.
-        rows = [np.asarray(self._model.get_label(t), dtype=np.float64) for t in texts]
+        # 14 conditions in CheXpert order; 1 = positive, anything else is binarised to negative downstream.
+        rows = [np.asarray(self._model.get_label(t, mode="rrg"), dtype=np.float64) for t in texts]
         return np.stack(rows) if rows else np.zeros((0, len(CONDITIONS)))
 
 
 class RadGraphScorer:
-    """RadGraph-F1 with ``reward_level="partial"`` via the ``radgraph`` package; empty report -> 0."""
+    """RadGraph-F1 with ``reward_level="partial"`` via the ``radgraph`` package; empty report -> 0.
+
+    The package loads its weights from the Hugging Face cache: offline, pre-populate ``HF_HOME``.
+    """
 
     name = "radgraph_f1"
 
-    def __init__(self, model_type: str | None = None, weights: str | os.PathLike | None = None):
+    def __init__(self, model_type: str | None = None):
         mod = _require("radgraph", "radgraph", "RadGraph-F1")
-        _weights(weights, "FAIRLLAVA_RADGRAPH_WEIGHTS", "RadGraph-F1")
         kwargs = {"reward_level": "partial"}
         if model_type:
             kwargs["model_type"] = model_type
