@@ -2,6 +2,7 @@
 and both groups carry the same visual evidence."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -141,7 +142,10 @@ _XML = """<?xml version="1.0"?><eCitation><uId id="CXR{n}"/><MedlineCitation><Ar
 <MeSH>{mesh}</MeSH><parentImage id="CXR{n}_IM-0001-1001"><url>x</url></parentImage></eCitation>"""
 
 
-def _fake_tgz(path: Path, n: int = 80) -> Path:
+def _fake_iu_dir(d: Path, n: int = 80) -> Path:
+    """NLMCXR_reports.tgz + nlmcxr_dicom_metadata.csv.gz with synthetic text (never real report text)."""
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "NLMCXR_reports.tgz"
     tags = [["normal"], ["Cardiomegaly/mild"], ["Opacity/lung/base/left"], ["Pleural Effusion/right"],
             ["Spine/degenerative"]]
     with tarfile.open(path, "w:gz") as tf:
@@ -153,21 +157,22 @@ def _fake_tgz(path: Path, n: int = 80) -> Path:
             info = tarfile.TarInfo(f"ecgen-radiology/{i}.xml")
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    meta = path.with_name("meta.csv")
-    meta.write_text("imageid,Patient's Birth Date,Study Date\n"
-                    + "".join(f"CXR{i}_IM-0001-1001,19{40 + i % 50:02d}0101,20120601\n" for i in range(1, n + 1)))
-    return path
+    rows = "imageid,Patient's Birth Date,Study Date,View Position\n" + "".join(
+        f"CXR{i}_IM-0001-1001,19{40 + i % 50:02d}0101,20120601,PA\n" for i in range(1, n + 1))
+    with gzip.open(d / "nlmcxr_dicom_metadata.csv.gz", "wt", encoding="utf-8") as f:
+        f.write(rows)
+    return d
 
 
 def test_cxr_report_from_synthetic_xml(tmp_path):
-    tgz = _fake_tgz(tmp_path / "reports.tgz")
-    reports = sc.read_iu_reports(tgz, tmp_path / "meta.csv")
+    iu = _fake_iu_dir(tmp_path / "iu")
+    reports = sc.read_iu_reports(iu)
     assert len(reports) == 80 and reports[0].report_id == "CXR1"
     assert reports[2].sex == "F" and reports[0].sex is None
     assert reports[0].age == 2012 - 1941
     card = sc.prepare_shortcut("cxr-report", tmp_path / "out", seed=0, strength=1.0, n_train=20,
                                n_val_per_cell=2, n_test_per_cell=3, image_size=48, evidence_probe=True,
-                               n_probe_per_cell=10, reports_tgz=tgz, metadata_csv=tmp_path / "meta.csv",
+                               n_probe_per_cell=10, iu_data_dir=iu,
                                progress=False)
     assert card["labels"] == ["normal", "abnormal"]
     test = read_jsonl(tmp_path / "out" / "test.jsonl")
@@ -182,8 +187,8 @@ def test_cxr_report_from_synthetic_xml(tmp_path):
         assert "Spine" not in " ".join(rep.mesh)  # undrawable reports are excluded
         assert r["meta"]["drawn"] == ([] if r["label"] == "normal" else r["meta"]["drawn"])
     with pytest.raises(FairllavaError, match="usable"):
-        sc.prepare_shortcut("cxr-report", tmp_path / "big", n_train=500, reports_tgz=tgz,
-                            metadata_csv=tmp_path / "meta.csv", **{k: v for k, v in SMALL.items() if k != "n_train"})
+        sc.prepare_shortcut("cxr-report", tmp_path / "big", n_train=500, iu_data_dir=iu,
+                            **{k: v for k, v in SMALL.items() if k != "n_train"})
 
 
 def test_cxr_findings_mapping():

