@@ -328,6 +328,9 @@ def prepare_mimic_cxr(cfg: MimicConfig, out_dir: str | Path, overwrite: bool = F
                         card.extra["study_age_unavailable"] = card.extra.get("study_age_unavailable", 0) + 1
                     else:
                         age = age + date // 10000 - anchor_year
+                        if not 0 <= age <= 130:  # inconsistent date shifts between the databases
+                            age = None
+                            card.extra["study_age_implausible"] = card.extra.get("study_age_implausible", 0) + 1
                 attrs = {
                     "sex": sex,
                     "age_group": age_to_group(age, MIMIC_AGE_BINS, where=f"{where} age"),
