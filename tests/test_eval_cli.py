@@ -1,7 +1,6 @@
 import json
 import sys
 
-import pytest
 
 from fairllava.cli import main
 

@@ -8,14 +8,13 @@ gap ``d* = Δ*_A − Δ*_B``, ES ``d* = ES*_B − ES*_A``; one-sided ``p = (1 + 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..errors import FairllavaError
-from .evaluate import EvalData, FairnessResult, evaluate_predictions, load_predictions
+from .evaluate import EvalData, FairnessResult, _hash_rows, evaluate_predictions, load_predictions
 
 
 @dataclass
@@ -73,7 +72,6 @@ def align(a: EvalData, b: EvalData, strict_ids: bool = False) -> tuple[EvalData,
     b2 = a.subset(shared)
     b2.predictions = [b.predictions[pos_b[rid]] for rid in a2.ids]
     b2.source = b.source
-    from .evaluate import _hash_rows
     b2.data_hash = _hash_rows(b2, range(b2.n))
     return a2, b2, {"n_shared": len(shared), "n_only_first": only_a, "n_only_second": only_b}
 

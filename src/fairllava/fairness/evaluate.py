@@ -15,7 +15,6 @@ import logging
 import os
 import platform
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 
 TASKS = ("report", "vqa")
 REPORT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "meteor", "cider", "keyword_f1")
-VQA_METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
+VQA_METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "bleu1", "bleu4", "rouge_l")  # + HAM text metrics
 OVERALL = "__overall__"
 
 
@@ -130,15 +129,15 @@ def build_metrics(data: EvalData, task: str, metrics: Sequence[str] | None = Non
     """Compute per-sample statistics; returns ``(metrics, skipped {name: reason}, extra per-sample columns)``."""
     from ..metrics.chexpert_rules import keyword_f1_metrics
     from ..metrics.clinical import clinical_metrics
-    from ..metrics.text import TEXT_METRICS, text_metrics
+    from ..metrics.text import TEXT_METRICS, sentence_bleu_metric, text_metrics
     from ..metrics.vqa import LabelSet, vqa_metrics
 
     extra: dict[str, list] = {}
     if task == "vqa":
         wanted = list(metrics or VQA_METRICS)
-        bad = [m for m in wanted if m not in VQA_METRICS + ("rouge_l", "bleu1", "bleu4")]
+        bad = [m for m in wanted if m not in VQA_METRICS]
         if bad:
-            raise FairllavaError(f"--metrics: unknown VQA metric(s) {bad}")
+            raise FairllavaError(f"--metrics: unknown VQA metric(s) {bad}; choose from {list(VQA_METRICS)}")
         if labels is None:
             labelset = LabelSet.ham()
         elif isinstance(labels, LabelSet):
@@ -149,21 +148,14 @@ def build_metrics(data: EvalData, task: str, metrics: Sequence[str] | None = Non
             if t.strip().upper() not in labelset.codes:
                 raise FairllavaError(f"{data.source} (id={rid}): label {t!r} is not one of {labelset.codes} (--labels)")
         vm, parsed = vqa_metrics(data.predictions, data.labels, labelset)
-        out = {m: vm[m] for m in wanted if m in vm}
-        text_wanted = [m for m in wanted if m in ("rouge_l",)]
-        if text_wanted:
-            tm, _ = text_metrics(data.predictions, data.references, text_wanted)
-            out.update(tm)
-        for k in (1, 4):
-            if f"bleu{k}" in wanted:  # HAM text: sentence BLEU averaged (EVALUATION §4)
-                import sacrebleu
-
-                from ..metrics.base import mean_metric
-                bleu = sacrebleu.metrics.BLEU(max_ngram_order=k, effective_order=True)
-                s = np.array([bleu.sentence_score(p, [r]).score if p.strip() else 0.0
-                              for p, r in zip(data.predictions, data.references)])
-                out[f"bleu{k}"] = mean_metric(f"bleu{k}", s, {"package": "sacrebleu", "variant": "sentence BLEU, "
-                                              "effective order, averaged", "scale": "percent", "level": "per-sample mean"})
+        out = {}
+        for m in wanted:  # HAM answer text: sentence BLEU and ROUGE-L averaged (EVALUATION §4)
+            if m in vm:
+                out[m] = vm[m]
+            elif m.startswith("bleu"):
+                out[m] = sentence_bleu_metric(data.predictions, data.references, int(m[-1]))
+            else:
+                out[m] = text_metrics(data.predictions, data.references, [m])[0][m]
         extra["parsed_label"] = parsed
         extra["label"] = [t.strip().upper() for t in data.labels]
         return out, {}, extra

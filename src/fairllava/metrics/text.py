@@ -99,6 +99,21 @@ def bleu_metrics(predictions: Sequence[str], references: Sequence[str], orders=(
             for k in orders}
 
 
+def sentence_bleu_scores(predictions: Sequence[str], references: Sequence[str], order: int = 4) -> np.ndarray:
+    """sacrebleu sentence BLEU (effective order, exp smoothing) per sample — the HAM answer-text metric."""
+    import sacrebleu
+
+    bleu = sacrebleu.metrics.BLEU(max_ngram_order=order, effective_order=True)
+    return np.array([bleu.sentence_score(h, [r]).score if h.strip() else 0.0 for h, r in zip(predictions, references)],
+                    dtype=np.float64)
+
+
+def sentence_bleu_metric(predictions: Sequence[str], references: Sequence[str], order: int) -> MetricStats:
+    return mean_metric(f"bleu{order}", sentence_bleu_scores(predictions, references, order), {
+        "package": "sacrebleu", "version": _version("sacrebleu"), "scale": "percent", "level": "per-sample mean",
+        "variant": f"sentence BLEU (max order {order}, effective order), averaged"})
+
+
 def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
     """rouge-score ROUGE-L F-measure per sample (stemmer on), in percent."""
     from rouge_score import rouge_scorer
