@@ -153,3 +153,31 @@ def test_tiny_llava_forward_on_collated_batch():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"], labels=batch["labels"])
     assert torch.isfinite(out.loss)
+
+
+def test_processor_template_path_matches_tokenizer_path():
+    """With only a processor template, content goes as HF multimodal parts; the prompt is the same."""
+    from fairllava.models.tiny import CHAT_TEMPLATE, build_tiny_processor
+
+    processor = build_tiny_processor()
+    items = _items()
+    via_tok = VLMCollator(processor, {})(items)
+    processor.tokenizer.chat_template = None
+    processor.chat_template = CHAT_TEMPLATE
+    c = VLMCollator(processor, {})
+    assert c._template_source == "processor"
+    via_proc = c(items)
+    for k in ("input_ids", "labels", "image_mask", "attention_mask"):
+        assert torch.equal(via_tok[k], via_proc[k]), k
+
+
+def test_multi_turn_and_text_only_tokenizer(proc):
+    it = _items()[1]
+    it["conversations"] = it["conversations"] + [{"from": "human", "value": "more"}, {"from": "gpt", "value": "x"}]
+    with pytest.raises(FairllavaError, match="id=b: VLMCollator supports single-turn records"):
+        VLMCollator(proc, {})([it])
+    tok_only = VLMCollator(proc.tokenizer, {"sex": default_vocabs(["sex"])["sex"]})
+    batch = tok_only(_items()[1:2])
+    assert "pixel_values" not in batch and not batch["image_mask"].any()
+    with pytest.raises(FairllavaError, match="text-only tokenizer"):
+        tok_only(_items()[:1])

@@ -56,8 +56,21 @@ def validate(
     from ..data.attributes import parse_vocab_options
     from ..data.validate import validate_dataset
 
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     vocabs = parse_vocab_options(vocab)
-    res = validate_dataset(data, images, vocabs, image_check=image_check.value, require_group_id=require_group_id)
+    with Progress(SpinnerColumn(), TextColumn("validating: {task.completed} lines"), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("validate", total=None)
+        seen = [0]
+
+        def tick() -> None:
+            seen[0] += 1
+            if seen[0] % 1000 == 0:
+                bar.update(task, completed=seen[0])
+
+        res = validate_dataset(data, images, vocabs, image_check=image_check.value,
+                               require_group_id=require_group_id, on_record=tick)
     for p in res.problems:
         typer.echo(str(p))
     table = Table(title=f"{res.n_records} records in {res.n_files} file(s)")
