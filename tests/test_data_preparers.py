@@ -249,11 +249,11 @@ def test_ham_templates_bins_and_lesion_split(tmp_path):
     recs = {r["id"]: r for rows in all_records(tmp_path / "out").values() for r in rows}
     assert len(recs) == 25 and card["total_records"] == 25 and card["dropped"] == {}
     # HAM bins: <45 | 45-65 | >=66 ; 44 -> 0-44, 45 -> 45-65, 65 -> 45-65, 66 -> 66+, 5 -> 0-44
-    expect = {"ISIC_0027190": "0-44", "ISIC_0024981": "45-65", "ISIC_0029577": "45-65", "ISIC_0032009": "66+",
-              "ISIC_0025452": "0-44", "ISIC_0030421": None}
+    expect = {"ISIC_9027190": "0-44", "ISIC_9024981": "45-65", "ISIC_9029577": "45-65", "ISIC_9032009": "66+",
+              "ISIC_9025452": "0-44", "ISIC_9030421": None}
     assert {k: recs[k]["attributes"]["age_group"] for k in expect} == expect
-    assert recs["ISIC_0030421"]["attributes"]["sex"] is None  # "unknown" -> missing, kept for task metrics
-    assert recs["ISIC_0025767"]["label"] == "MEL" and recs["ISIC_0025767"]["group_id"] == "HAM_0001949"
+    assert recs["ISIC_9030421"]["attributes"]["sex"] is None  # "unknown" -> missing, kept for task metrics
+    assert recs["ISIC_9025767"]["label"] == "MEL" and recs["ISIC_9025767"]["group_id"] == "HAM_9001949"
     for r in recs.values():
         q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
         assert q.startswith("<image>\n") and f"({r['label']})" in a
@@ -275,15 +275,15 @@ def test_ham_qa_file_and_images(tmp_path):
     from test_data_helpers import write_image
 
     root = tmp_path / "imgs"
-    write_image(root / "HAM10000_images_part_1" / "ISIC_0027419.jpg")
-    write_image(root / "HAM10000_images_part_2" / "ISIC_0025767.jpg")
+    write_image(root / "HAM10000_images_part_1" / "ISIC_9027419.jpg")
+    write_image(root / "HAM10000_images_part_2" / "ISIC_9025767.jpg")
     card = prepare_ham10000(HamConfig(metadata=str(H / "HAM10000_metadata.csv"),
                                       qa=str(H / "selfsynthx_round1_synthetic.json"), images=str(root)),
                             tmp_path / "out")
     recs = {r["id"]: r for rows in all_records(tmp_path / "out").values() for r in rows}
-    assert set(recs) == {"ISIC_0027419_q0", "ISIC_0027419_q1", "ISIC_0025767_q0"}
-    assert recs["ISIC_0025767_q0"]["image"] == "HAM10000_images_part_2/ISIC_0025767.jpg"
-    assert recs["ISIC_0027419_q1"]["conversations"][1]["value"] == "Synthetic answer B."
+    assert set(recs) == {"ISIC_9027419_q0", "ISIC_9027419_q1", "ISIC_9025767_q0"}
+    assert recs["ISIC_9025767_q0"]["image"] == "HAM10000_images_part_2/ISIC_9025767.jpg"
+    assert recs["ISIC_9027419_q1"]["conversations"][1]["value"] == "Synthetic answer B."
     assert card["dropped"]["QA pair for an image_id not in the metadata"] == 1
     assert card["dropped"]["image file not found under --images"] == 23
     out = tmp_path / "out"
@@ -292,13 +292,13 @@ def test_ham_qa_file_and_images(tmp_path):
 
 
 HAM_BAD = [
-    ("unknown_dx", lambda t: t.replace("ISIC_0029387,df", "ISIC_0029387,xyz"), r":25 \(image_id=ISIC_0029387\): dx 'xyz'"),
-    ("age_abc", lambda t: t.replace("ISIC_0029387,df,consensus,55.0", "ISIC_0029387,df,consensus,abc"),
-     r":25 \(image_id=ISIC_0029387\) age: expected a number, got 'abc'"),
-    ("sex_x", lambda t: t.replace("55.0,male,lower", "55.0,mle,lower"), r":25 \(image_id=ISIC_0029387\): sex 'mle'"),
-    ("dup_image", lambda t: t + "HAM_9,ISIC_0029387,df,histo,50,male,back,x\n", r":27: duplicate image_id 'ISIC_0029387'"),
+    ("unknown_dx", lambda t: t.replace("ISIC_9029387,df", "ISIC_9029387,xyz"), r":25 \(image_id=ISIC_9029387\): dx 'xyz'"),
+    ("age_abc", lambda t: t.replace("ISIC_9029387,df,consensus,55.0", "ISIC_9029387,df,consensus,abc"),
+     r":25 \(image_id=ISIC_9029387\) age: expected a number, got 'abc'"),
+    ("sex_x", lambda t: t.replace("55.0,male,lower", "55.0,mle,lower"), r":25 \(image_id=ISIC_9029387\): sex 'mle'"),
+    ("dup_image", lambda t: t + "HAM_9,ISIC_9029387,df,histo,50,male,back,x\n", r":27: duplicate image_id 'ISIC_9029387'"),
     ("missing_column", lambda t: t.replace("lesion_id,", "lesion,", 1), r"missing column\(s\) lesion_id"),
-    ("empty_lesion", lambda t: t.replace("HAM_0006002,", ",", 1), r":25: empty lesion_id"),
+    ("empty_lesion", lambda t: t.replace("HAM_9006002,", ",", 1), r":25: empty lesion_id"),
 ]
 
 
@@ -313,10 +313,10 @@ def test_ham_malformed(tmp_path, name, edit, msg):
 
 def test_ham_bad_qa_json(tmp_path):
     q = tmp_path / "qa.json"
-    q.write_text('[{"image_id": "ISIC_0027419", "new_QA": [{"Q": "x"}]}]')
-    with pytest.raises(FairllavaError, match=r"qa.json:\[0\] \(image_id=ISIC_0027419\): new_QA\[0\] needs string Q and A"):
+    q.write_text('[{"image_id": "ISIC_9027419", "new_QA": [{"Q": "x"}]}]')
+    with pytest.raises(FairllavaError, match=r"qa.json:\[0\] \(image_id=ISIC_9027419\): new_QA\[0\] needs string Q and A"):
         prepare_ham10000(HamConfig(metadata=str(H / "HAM10000_metadata.csv"), qa=str(q)), tmp_path / "out")
-    q.write_text('[{"image_id": "ISIC_0027419", "new_QA": []},, ]')
+    q.write_text('[{"image_id": "ISIC_9027419", "new_QA": []},, ]')
     with pytest.raises(FairllavaError, match=r"qa.json:1: invalid JSON"):
         prepare_ham10000(HamConfig(metadata=str(H / "HAM10000_metadata.csv"), qa=str(q)), tmp_path / "out")
     assert_nothing_written(tmp_path / "out")

@@ -148,21 +148,6 @@ class AttributeVocab:
             raise ValueError(f"AttributeVocab({self.name}).decode: id {i} out of range 0..{len(self.classes) - 1}")
         return self.classes[i]
 
-    def knows(self, value: Any) -> bool:
-        """True if ``value`` is missing, a class, an alias, a rule match or excluded (no counting)."""
-        saved = Counter(self.counts)
-        try:
-            unknown, self.unknown = self.unknown, "error"
-            try:
-                self.normalize(value)
-                return True
-            except FairllavaError:
-                return False
-            finally:
-                self.unknown = unknown
-        finally:
-            self.counts = saved
-
     def reset_counts(self) -> None:
         self.counts = Counter()
 
