@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Mapping, Sequence
 
@@ -37,16 +37,22 @@ class Problem:
         return f"{loc} (id={self.id if self.id is not None else '?'}): {self.message}"
 
 
-@dataclass
-class ValidationResult:
-    problems: list[Problem] = field(default_factory=list)
-    n_records: int = 0
-    n_files: int = 0
-    groups: dict[str, Counter] = field(default_factory=dict)  # attribute -> value -> count
+class ValidationResult(list):
+    """The problems (a ``list[Problem]``, as in DESIGN.md) plus record/file counts and group counts."""
+
+    def __init__(self, n_files: int = 0) -> None:
+        super().__init__()
+        self.n_records = 0
+        self.n_files = n_files
+        self.groups: dict[str, Counter] = {}  # attribute -> value -> count
+
+    @property
+    def problems(self) -> list[Problem]:
+        return list(self)
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self
 
 
 def _check_image(root: Path, rel: str, mode: ImageCheck) -> str | None:
@@ -106,7 +112,7 @@ def validate_dataset(
     group_file: dict[str, str] = {}
 
     def add(file: Path, line: int | None, rid, msg: str) -> None:
-        res.problems.append(Problem(str(file), line, None if rid is None else str(rid), msg))
+        res.append(Problem(str(file), line, None if rid is None else str(rid), msg))
 
     for path in paths:
         with open(path, encoding="utf-8") as f:
