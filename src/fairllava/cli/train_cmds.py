@@ -4,6 +4,7 @@ Thin layer over :mod:`fairllava.training`; run under ``accelerate launch`` for s
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -31,7 +32,8 @@ def train_cmd(
         overrides.append(f"output_dir={output_dir}")
     cfg = load_config(config, overrides, preset_name=preset)
     run_dir = train(cfg, resume=resume)
-    console.print(f"[green]done:[/green] {run_dir}", highlight=False)
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        console.print(f"[green]done:[/green] {run_dir}", highlight=False)
 
 
 @app.command("presets")
