@@ -1,5 +1,5 @@
 """Fairness evaluation: per-group metrics, gaps, equity-scaled scores, bootstrap CIs and paired tests."""
-from .bootstrap import percentile_ci, resample_weights, rng_for
+from .bootstrap import bootstrap_scores, iter_resample_weights, percentile_ci, resample_weights, rng_for
 from .compare import ComparisonResult, compare, holm, paired_pvalue
 from .counterfactual import counterfactual_gap, match_pairs, report_label_keys
 from .evaluate import EvalData, FairnessResult, evaluate_predictions, load_predictions
@@ -22,7 +22,7 @@ def write_comparison_report(results, pvalues, out_dir, overwrite: bool = False, 
 
 
 __all__ = [
-    "percentile_ci", "resample_weights", "rng_for", "ComparisonResult", "compare", "holm", "paired_pvalue",
+    "bootstrap_scores", "iter_resample_weights", "percentile_ci", "resample_weights", "rng_for", "ComparisonResult", "compare", "holm", "paired_pvalue",
     "counterfactual_gap", "match_pairs", "report_label_keys", "EvalData", "FairnessResult", "evaluate_predictions", "load_predictions",
     "ES_VARIANTS", "GroupIndex", "frame_scores", "group_index", "stratified_gap", "stratified_gaps",
     "write_evaluation", "write_comparison_report",

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import FairllavaError
 from ..io import read_jsonl
 from ..metrics.base import MetricStats
-from .bootstrap import percentile_ci, resample_weights, rng_for
+from .bootstrap import bootstrap_scores, percentile_ci, rng_for
 from .frame import ES_VARIANTS, GroupIndex, frame_scores, group_index
 
 log = logging.getLogger(__name__)
@@ -300,8 +300,8 @@ def evaluate_predictions(predictions: Sequence[dict] | str | os.PathLike | EvalD
         boot = None
         if n_boot:
             strata = gi.strata() if (gi is not None and bootstrap == "stratified") else None
-            W = resample_weights(data.n, n_boot, rng_for(seed, run, attr, m), strata)
-            boot = frame_scores(metric, W, gi)
+            boot = bootstrap_scores(lambda W: frame_scores(metric, W, gi), data.n, n_boot,
+                                    rng_for(seed, run, attr, m), strata)
             replicates[(attr, m)] = {k: boot[k] for k in ("all", "gap", "es", "es_fairclip") if k in boot}
             bar.advance()
         if gi is None:
