@@ -441,3 +441,27 @@ def test_grouped_split_properties():
     assert rare.count("test") == 2 and rare.count("val") == 2
     with pytest.raises(FairllavaError):
         grouped_split(groups, 0, 0.5, 0.5)
+
+
+def test_iu_options(tmp_path):
+    d = iu_dir(tmp_path)
+    card = prepare_iu_xray(IUConfig(data_dir=str(d), require_frontal=True, indication=True,
+                                    image_template="{report_id}/{n}.png"), tmp_path / "out")
+    rows = {r["id"]: r for rs in all_records(tmp_path / "out").values() for r in rs}
+    assert card["dropped"] == {"empty findings": 1, "no PA/AP image": 2}  # CXR4 (no view), CXR5 (no image)
+    assert rows["CXR2"]["image"] == "CXR2/2.png"
+    assert rows["CXR2"]["conversations"][0]["value"].endswith("following indication: Synthetic male smoker")
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    p = tmp_path / "HAM10000_metadata.csv"
+    p.write_text((H / "HAM10000_metadata.csv").read_text().replace("ISIC_9029387,df", "ISIC_9029387,xyz"))
+    r = subprocess.run([sys.executable, "-m", "fairllava", "prepare", "ham10000", "--metadata", str(p),
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "HAM10000_metadata.csv:25 (image_id=ISIC_9029387): dx 'xyz'" in lines[0]
+    assert_nothing_written(tmp_path / "out")
