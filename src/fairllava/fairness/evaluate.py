@@ -143,7 +143,10 @@ def build_metrics(data: EvalData, task: str, metrics: Sequence[str] | None = Non
         elif isinstance(labels, LabelSet):
             labelset = labels
         else:
-            labelset = LabelSet.ham(list(labels))
+            try:
+                labelset = LabelSet.ham(list(labels))
+            except ValueError as e:
+                raise FairllavaError(str(e)) from None
         for rid, t in zip(data.ids, data.labels):
             if t.strip().upper() not in labelset.codes:
                 raise FairllavaError(f"{data.source} (id={rid}): label {t!r} is not one of {labelset.codes} (--labels)")
