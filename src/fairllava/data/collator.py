@@ -7,7 +7,6 @@ model's own chat template, so training matches generation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -15,14 +14,6 @@ import torch
 from ..errors import FairllavaError
 from .attributes import IGNORE_INDEX, AttributeVocab
 from .schema import IMAGE_PLACEHOLDER
-
-
-@dataclass
-class CollatorConfig:
-    """Options next to the collator that uses them."""
-
-    mode: Literal["train", "generate"] = "train"
-    max_length: int = 2048
 
 
 def _tokenizer_of(processor: Any) -> Any:
