@@ -102,6 +102,8 @@ def test_vocabs_from_config_strict():
         vocabs_from_config({"s": {"classes": ["a"], "aliases": {"x": "b"}}})
     with pytest.raises(FairllavaError, match="NAME=PRESET"):
         parse_vocab_options(["race"])
+    v = parse_vocab_options(["race=light,dark", "sex=sex"])
+    assert v["race"].classes == ["light", "dark"] and v["race"].encode("Dark") == 1 and v["sex"].num_classes == 2
 
 
 def test_missing_policy():

@@ -46,8 +46,8 @@ class RaceRule(str, Enum):
 def validate(
     data: List[Path] = typer.Argument(..., help="One or more record JSONL files (several: also checks split leaks)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image root the records' paths are relative to."),
-    vocab: List[str] = typer.Option([], "--vocab", help="NAME=PRESET vocabulary, e.g. race=race5 (presets: sex, "
-                                    "age_group, race8, race5). Standard names default to sex/age_group/race8."),
+    vocab: List[str] = typer.Option([], "--vocab", help="NAME=PRESET (sex, age_group, race8, race5) or NAME=CLASS,CLASS,... "
+                                    "e.g. race=race5 or race=light,dark. Standard names default to sex/age_group/race8."),
     image_check: ImageCheck = typer.Option(ImageCheck.verify, "--image-check",
                                            help="verify (header, fast), load (full decode), exists, none."),
     require_group_id: bool = typer.Option(False, "--require-group-id", help="Every record must have group_id."),

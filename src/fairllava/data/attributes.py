@@ -407,13 +407,17 @@ def vocabs_from_config(cfg: Mapping[str, Any]) -> dict[str, AttributeVocab]:
 
 
 def parse_vocab_options(options: Iterable[str]) -> dict[str, AttributeVocab]:
-    """CLI ``--vocab race=race8 --vocab sex=sex`` -> vocabularies."""
-    cfg: dict[str, str] = {}
+    """CLI ``--vocab race=race8 --vocab tone=light,dark`` -> vocabularies (a preset name, or an explicit
+    comma-separated class list)."""
+    cfg: dict[str, Any] = {}
     for opt in options:
         if "=" not in opt:
-            raise FairllavaError(f"--vocab {opt!r}: expected NAME=PRESET (presets: {sorted(PRESETS)})")
+            raise FairllavaError(f"--vocab {opt!r}: expected NAME=PRESET or NAME=CLASS,CLASS,... "
+                                 f"(presets: {sorted(PRESETS)})")
         k, v = (s.strip() for s in opt.split("=", 1))
-        cfg[k] = v
+        if not k or not v:
+            raise FairllavaError(f"--vocab {opt!r}: empty name or value")
+        cfg[k] = {"classes": [c.strip() for c in v.split(",") if c.strip()]} if "," in v else v
     return vocabs_from_config(cfg)
 
 
