@@ -218,3 +218,17 @@ def test_refuses_to_overwrite_a_run(data, tmp_path):
         FairTrainer(cfg).train()
     with pytest.raises(FairllavaError, match="already finished"):
         FairTrainer(cfg, resume=True).train()
+
+
+def test_resume_refuses_a_changed_config(data, tmp_path):
+    out = tmp_path / "cfgchange"
+    cfg = load_config(None, overrides(data, out, "method=lora"), preset_name="cpu")
+    FairTrainer(cfg).train()
+    (out / "run.json").unlink()  # as if killed after the last checkpoint
+    changed = load_config(None, overrides(data, out, "method=lora", "optim.lr=5e-3"), preset_name="cpu")
+    with pytest.raises(FairllavaError, match=r"--resume: the config differs .* at optim\.lr"):
+        FairTrainer(changed, resume=True).train()
+    same = load_config(None, overrides(data, out, "method=lora", "logging.every_n_steps=5"), preset_name="cpu")
+    FairTrainer(same, resume=True).train()  # logging may change; nothing left to train, run completes
+    assert json.loads((out / "run.json").read_text())["steps"] == 2
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]

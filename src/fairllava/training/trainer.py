@@ -445,6 +445,7 @@ class FairTrainer:
             save_config(cfg, self.run_dir / "config.yaml")
         logger = MetricsLogger(self.run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
         if resume_from is not None:
+            _check_same_config(cfg, resume_from / "config.yaml")
             accelerator.load_state(str(resume_from))
             logger.truncate_after(state.step)
         elif self.resume and main:
@@ -561,6 +562,35 @@ class FairTrainer:
             "base_model": self.cfg.model.path, "versions": versions(),
             "files": sorted(p.name for p in self.run_dir.iterdir() if p.is_file()),
         })
+
+
+# Keys that may change between a run and its resume without changing what is computed.
+_RESUME_FREE = {"logging", "checkpointing", "output_dir", "data.num_workers"}
+
+
+def _check_same_config(cfg: TrainConfig, saved: Path) -> None:
+    """A resume must continue the same computation: refuse a changed config (other than logging/paths)."""
+    from .config import load_config
+
+    old = load_config(saved).to_dict()
+    new = cfg.to_dict()
+    diffs = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if path in _RESUME_FREE:
+            return
+        if isinstance(a, dict) and isinstance(b, dict) and path not in ("data.attributes", "fairness"):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b:
+            diffs.append(path)
+
+    walk(old, new, "")
+    if diffs:
+        raise FairllavaError(
+            f"--resume: the config differs from the checkpoint's ({saved}) at {', '.join(diffs)}; "
+            "resume with the same settings or start a new --output-dir"
+        )
 
 
 def _counts(values: list[int], k: int) -> list[int]:
