@@ -1,0 +1,20 @@
+"""The FairLLaVA method: CLUB mutual-information penalty between pooled hidden states and protected attributes."""
+from .club import club_mi
+from .config import AttributeSpec, FairnessConfig
+from .distributed import all_gather_labels, all_gather_with_grad
+from .heads import build_head, dac_loss
+from .pooling import pool, select_tokens
+from .regularizer import FairnessRegularizer
+
+__all__ = [
+    "AttributeSpec",
+    "FairnessConfig",
+    "FairnessRegularizer",
+    "all_gather_labels",
+    "all_gather_with_grad",
+    "build_head",
+    "club_mi",
+    "dac_loss",
+    "pool",
+    "select_tokens",
+]

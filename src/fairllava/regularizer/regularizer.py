@@ -1,0 +1,333 @@
+"""``FairnessRegularizer``: DAC heads + CLUB penalty, architecture-agnostic (it only sees hidden states).
+
+Why a plug-in: the method needs nothing from the model but hidden states of one or more layers, a token mask and
+per-attribute labels, so the same module serves any HF causal LM / VLM and the trainer stays generic.
+
+Gradient routing (METHOD.md §5): the DAC loss is computed on ``z.detach()`` so it reaches the heads only; the MI
+penalty is computed with ``torch.func.functional_call`` on detached head parameters so it reaches the model only.
+``joint`` mode does both in one backward (reference); ``alternating`` mode (paper Algorithm 1) first updates the
+heads with their own optimizer (``dac_update``) and then returns the penalty under the updated, frozen heads
+(``penalty``).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .club import check_labels, club_mi
+from .config import FairnessConfig, check_class_counts
+from .distributed import all_gather_labels, all_gather_with_grad
+from .heads import build_head, dac_loss
+from .pooling import pool as _pool
+from .pooling import select_tokens as _select_tokens
+
+_PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")
+_HEADS = re.compile(r"(?:^|\.)heads\.")
+
+
+class FairnessRegularizer(nn.Module):
+    """One DAC head per attribute and the CLUB-based penalty of METHOD.md §3–8.
+
+    ``out = reg(hidden_states, token_mask, labels, step)`` returns ``loss`` =
+    ``fairness_lambda * (w * sum_a lambda_a DIM_a + dac_loss_weight * sum_a DAC_a)`` where ``w`` is 0 during the
+    DAC warm-up and 1 after; add ``ce_loss_weight * lm_loss`` yourself.
+    """
+
+    def __init__(self, cfg: FairnessConfig | Mapping[str, Any] | None, hidden_size: int):
+        super().__init__()
+        if cfg is None:
+            cfg = FairnessConfig()
+        elif isinstance(cfg, Mapping):
+            cfg = FairnessConfig.from_dict(cfg)
+        elif not isinstance(cfg, FairnessConfig):
+            raise ValueError(f"cfg must be a FairnessConfig or a mapping, got {type(cfg).__name__}")
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        self.cfg = cfg
+        self.hidden_size = hidden_size
+        self.heads = nn.ModuleDict(
+            {name: build_head(hidden_size, spec.num_classes, cfg.dac_hidden_size) for name, spec in cfg.attributes.items()}
+        )
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self._class_counts: dict[str, torch.Tensor] = {}
+        if cfg.dac_class_counts:
+            self.set_class_counts(cfg.dac_class_counts)
+        self._auto_step = 0
+
+    # ------------------------------------------------------------------ configuration helpers
+    def set_class_counts(self, counts: Mapping[str, Sequence[float]]) -> None:
+        """Training-set class counts per attribute, needed by the ``balanced`` / ``logit_adjusted`` DAC losses."""
+        for name, c in counts.items():
+            c = check_class_counts(name, list(c), self.cfg.attributes)
+            self._class_counts[name] = torch.tensor(c, dtype=torch.float32)
+
+    def layer_indices(self, n_hidden_states: int) -> list[int]:
+        """Hidden-state indices to tap (HF ``output_hidden_states`` convention, ``n_hidden_states`` = L + 1)."""
+        if isinstance(n_hidden_states, bool) or not isinstance(n_hidden_states, int) or n_hidden_states < 1:
+            raise ValueError(f"n_hidden_states must be a positive integer, got {n_hidden_states!r}")
+        idx = self.cfg.mi_layer_index
+        if idx is None:
+            frac = self.cfg.mi_layer_frac
+            return [int(n_hidden_states * frac) if frac < 1.0 else n_hidden_states - 1]
+        out = []
+        for i in idx if isinstance(idx, list) else [idx]:
+            if not -n_hidden_states <= i < n_hidden_states:
+                raise ValueError(
+                    f"mi_layer_index={i} is past the model depth: expected 0..{n_hidden_states - 1} "
+                    f"(or -{n_hidden_states}..-1) for n_hidden_states={n_hidden_states}"
+                )
+            out.append(i % n_hidden_states)
+        if len(set(out)) != len(out):
+            raise ValueError(f"mi_layer_index={idx} names the same layer twice for n_hidden_states={n_hidden_states}")
+        return out
+
+    def select_tokens(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+        """Bool [B, T] mask of the positions pooled into z (never padding; ≥1 per row or ValueError)."""
+        return _select_tokens(attention_mask, image_mask, self.cfg.mi_token_mode, self.cfg.mi_drop_bos_eos)
+
+    def pool(self, hidden_states: Any, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z [N, D], row_index [N])``; several layers are averaged position-wise (same sampled tokens)."""
+        hs = _as_list(hidden_states)
+        if hs and hs[0].dim() == 3 and hs[0].shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states have size {hs[0].shape[-1]} but the regulariser was built for "
+                             f"hidden_size={self.hidden_size}")
+        return _pool(
+            hs, token_mask, self.cfg.mi_pooling, self.cfg.l2_normalize, self.generator, self.cfg.mi_max_tokens_per_sample
+        )
+
+    def penalty_weight(self, step: int | None) -> float:
+        """0 before ``dac_warmup_steps`` (the DAC learns first), 1 after."""
+        return 0.0 if step is not None and step < self.cfg.dac_warmup_steps else 1.0
+
+    def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        """Optimizer group for the heads: ``dac_lr`` if set, else ``base_lr``; no weight decay (reference wd 0)."""
+        lr = self.cfg.dac_lr if self.cfg.dac_lr is not None else base_lr
+        return [{"params": [p for p in self.heads.parameters()], "lr": lr, "weight_decay": 0.0, "name": "dac_heads"}]
+
+    def num_head_parameters(self) -> int:
+        return sum(p.numel() for p in self.heads.parameters())
+
+    def extra_repr(self) -> str:
+        return (
+            f"attributes={self.cfg.attribute_names}, hidden_size={self.hidden_size}, "
+            f"dac_parameters={self.num_head_parameters():,}, update_mode={self.cfg.update_mode!r}, "
+            f"pooling={self.cfg.mi_pooling!r}, tokens={self.cfg.mi_token_mode!r}"
+        )
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load heads saved from this module, a DDP/compiled wrapper (``module.``), or the bare ``heads`` dict."""
+        fixed = {}
+        for k, v in state_dict.items():
+            k = _PREFIX.sub("", k)
+            m = _HEADS.search(k)
+            k = "heads." + k[m.end():] if m else "heads." + k
+            fixed[k] = v
+        return super().load_state_dict(fixed, strict=strict, assign=assign)
+
+    # ------------------------------------------------------------------ labels
+    def _row_labels(
+        self, labels: Mapping[str, torch.Tensor], n_rows: int, row_index: torch.Tensor | None, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Validate per-sample labels (exactly the configured attributes, range-checked) and expand them to rows."""
+        if not isinstance(labels, Mapping):
+            raise ValueError(f"labels must be a dict {{attribute: LongTensor[B]}}, got {type(labels).__name__}")
+        names = self.cfg.attribute_names
+        for name in labels:
+            if name not in self.cfg.attributes:
+                raise ValueError(f"labels: unknown attribute {name!r}; configured attributes: {names}")
+        out = {}
+        for name in names:
+            if name not in labels:
+                raise ValueError(f"labels: missing attribute {name!r} (use ignore_index={self.cfg.ignore_index} "
+                                 f"for unknown values); configured attributes: {names}")
+            y = labels[name]
+            if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
+                raise ValueError(f"labels[{name!r}] must be an integer tensor of shape [B], got "
+                                 f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+            if y.shape[0] != n_rows:
+                raise ValueError(f"labels[{name!r}] has {y.shape[0]} entries, expected {n_rows} (one per sample)")
+            check_labels(y, self.cfg.attributes[name].num_classes, self.cfg.ignore_index, f"labels[{name!r}]")
+            y = y.to(device=device, dtype=torch.long)
+            out[name] = y[row_index.to(device)] if row_index is not None else y
+        return out
+
+    def _gather(self, z: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not self.cfg.gather_across_ranks:
+            return z, y
+        return all_gather_with_grad(z), all_gather_labels(y)
+
+    def _resolve_step(self, step: int | None) -> int:
+        if step is None:
+            step = self._auto_step
+            self._auto_step += 1
+        return step
+
+    # ------------------------------------------------------------------ terms
+    def _head_input(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        return z.to(next(self.heads[name].parameters()).dtype)
+
+    def _dac_terms(self, z: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """DAC loss on detached z (reaches the heads only) and its diagnostics."""
+        cfg = self.cfg
+        total = z.new_zeros((), dtype=torch.float32)
+        stats: dict[str, torch.Tensor] = {}
+        zd = z.detach()
+        for name, head in self.heads.items():
+            logits = head(self._head_input(name, zd))
+            ya = y[name]
+            counts = self._class_counts.get(name)
+            loss = dac_loss(logits, ya, cfg.dac_loss, cfg.ignore_index, counts,
+                            cfg.dac_focal_gamma, cfg.dac_balanced_beta, cfg.dac_logit_adjust_tau)
+            total = total + loss
+            with torch.no_grad():
+                valid = ya != cfg.ignore_index
+                n = valid.sum()
+                correct = ((logits.argmax(dim=-1) == ya) & valid).sum()
+                stats[f"dac_ce/{name}"] = dac_loss(logits, ya, "ce", cfg.ignore_index)
+                if cfg.dac_loss != "ce":
+                    stats[f"dac_loss/{name}"] = loss.detach()
+                stats[f"dac_acc/{name}"] = torch.where(n > 0, correct / n.clamp(min=1), torch.nan)
+        return total, stats
+
+    def _dim_terms(self, z: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted DIM penalty under detached head parameters (reaches the model only)."""
+        cfg = self.cfg
+        total = z.new_zeros((), dtype=torch.float32)
+        stats: dict[str, torch.Tensor] = {}
+        for name, head in self.heads.items():
+            params = {k: v.detach() for k, v in head.named_parameters()}
+            logits = functional_call(head, params, (self._head_input(name, z),))
+            ya = y[name]
+            mi = club_mi(logits, ya, cfg.negatives, cfg.ignore_index)
+            if cfg.mi_penalty == "smooth_abs":
+                dim = torch.sqrt(mi * mi + cfg.mi_penalty_eps)
+            elif cfg.mi_penalty == "relu":
+                dim = F.relu(mi)
+            else:
+                dim = mi
+            total = total + cfg.attributes[name].weight * dim
+            n = (ya != cfg.ignore_index).sum()
+            stats[f"mi/{name}"] = mi.detach()
+            stats[f"dim/{name}"] = dim.detach()
+            stats[f"n_valid/{name}"] = n
+            stats[f"skipped/{name}"] = (n < 2).float()
+        return total, stats
+
+    # ------------------------------------------------------------------ public steps
+    def forward(
+        self,
+        hidden_states: Any,
+        token_mask: torch.Tensor,
+        labels: Mapping[str, torch.Tensor],
+        step: int | None = None,
+    ) -> dict[str, Any]:
+        """Joint mode: one call, one backward. Returns ``loss``, ``dim_loss``, ``dac_loss`` (tensors) and ``logs``.
+
+        ``step`` is the optimizer step (for the DAC warm-up); ``None`` counts calls instead.
+        """
+        if self.cfg.update_mode != "joint":
+            raise ValueError("update_mode='alternating': call dac_update(z.detach(), ...) then penalty(z, ...) "
+                             "instead of forward()")
+        step = self._resolve_step(step)
+        z, rows = self.pool(hidden_states, token_mask)
+        y = self._row_labels(labels, token_mask.shape[0], rows, z.device)
+        z, y = self._gather(z, y)
+        dac_total, dac_stats = self._dac_terms(z, y)
+        dim_total, dim_stats = self._dim_terms(z, y)
+        w = self.penalty_weight(step)
+        dim_term = dim_total if w > 0 else dim_total.detach() * 0.0
+        lam = self.cfg.fairness_lambda
+        loss = lam * (dim_term + self.cfg.dac_loss_weight * dac_total)
+        logs = _to_floats({**dim_stats, **dac_stats, "dim_loss": dim_total.detach(), "dac_loss": dac_total.detach()})
+        logs.update({"penalty_weight": w, "n_samples": float(z.shape[0])})
+        return {"loss": loss, "dim_loss": dim_total, "dac_loss": dac_total, "logs": logs}
+
+    def dac_update(
+        self,
+        z_detached: torch.Tensor,
+        labels: Mapping[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        n_steps: int | None = None,
+        row_index: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Alternating mode, step 1: ``n_steps`` (default ``n_dac_steps``) updates of the heads on detached z.
+
+        ``optimizer`` must hold only head parameters (it is zeroed here, which would wipe model gradients).
+        ``labels`` are per sample ([B], pass ``row_index`` from ``pool``) or per row ([N]). The loss is the plain
+        sum over attributes: the heads have their own optimizer, so global weights would only rescale it.
+        """
+        head_ids = {id(p) for p in self.heads.parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in head_ids:
+                    raise ValueError("dac_update: optimizer holds parameters that are not DAC head parameters; "
+                                     "give the heads their own optimizer (reg.param_groups(lr))")
+        n_steps = self.cfg.n_dac_steps if n_steps is None else n_steps
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+            raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
+        z = z_detached.detach()
+        n_rows = z.shape[0] if row_index is None else _n_samples(labels)
+        y = self._row_labels(labels, n_rows, row_index, z.device)
+        z, y = self._gather(z, y)
+        first_stats: dict[str, torch.Tensor] = {}
+        with torch.enable_grad():
+            for i in range(n_steps):
+                optimizer.zero_grad(set_to_none=True)
+                total, stats = self._dac_terms(z, y)
+                total.backward()
+                optimizer.step()
+                if i == 0:
+                    first_stats = {**stats, "dac_loss": total.detach()}
+        return {"logs": _to_floats(first_stats)}
+
+    def penalty(
+        self,
+        z: torch.Tensor,
+        labels: Mapping[str, torch.Tensor],
+        step: int | None = None,
+        row_index: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Alternating mode, step 2: ``loss = fairness_lambda * w * sum_a lambda_a DIM_a`` with the heads frozen."""
+        step = self._resolve_step(step)
+        n_rows = z.shape[0] if row_index is None else _n_samples(labels)
+        y = self._row_labels(labels, n_rows, row_index, z.device)
+        z, y = self._gather(z, y)
+        dim_total, stats = self._dim_terms(z, y)
+        w = self.penalty_weight(step)
+        dim_term = dim_total if w > 0 else dim_total.detach() * 0.0
+        logs = _to_floats({**stats, "dim_loss": dim_total.detach()})
+        logs.update({"penalty_weight": w, "n_samples": float(z.shape[0])})
+        return {"loss": self.cfg.fairness_lambda * dim_term, "dim_loss": dim_total, "logs": logs}
+
+
+def _as_list(hidden_states: Any) -> list[torch.Tensor]:
+    if isinstance(hidden_states, torch.Tensor):
+        return [hidden_states]
+    if isinstance(hidden_states, Mapping):
+        return [hidden_states[k] for k in sorted(hidden_states)]
+    if isinstance(hidden_states, Iterable):
+        return list(hidden_states)
+    raise ValueError(f"hidden_states must be a tensor, a list of tensors or a dict {{index: tensor}}, "
+                     f"got {type(hidden_states).__name__}")
+
+
+def _n_samples(labels: Mapping[str, torch.Tensor]) -> int:
+    for y in labels.values():
+        if isinstance(y, torch.Tensor) and y.dim() == 1:
+            return y.shape[0]
+    raise ValueError("labels must contain [B] integer tensors")
+
+
+def _to_floats(stats: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """One device sync for all diagnostics."""
+    if not stats:
+        return {}
+    keys = list(stats)
+    values = torch.stack([torch.as_tensor(stats[k]).detach().float().reshape(()) for k in keys]).cpu().tolist()
+    return dict(zip(keys, values))
