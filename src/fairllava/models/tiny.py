@@ -55,12 +55,15 @@ _CORPUS = [" ".join(_WORDS[i : i + 12]) + "." for i in range(0, len(_WORDS), 12)
 ] + ["0 1 2 3 4 5 6 7 8 9 10 100 , . : ; ( ) - / ? !"]
 
 
-def build_tiny_tokenizer(vocab_size: int = 640):
-    """A small byte-level BPE tokenizer with ``<s>``/``<|im_end|>``/``<pad>``/``<image>`` and a ChatML template."""
+def build_tiny_tokenizer(vocab_size: int = 640, with_image_token: bool = True):
+    """A small byte-level BPE tokenizer with ``<s>``/``<|im_end|>``/``<pad>``/``<image>`` and a ChatML template.
+
+    ``with_image_token=False`` leaves ``<image>`` out (an original-LLaVA-style LM tokenizer, for converter tests).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IM_START, IMAGE_TOKEN]
+    specials = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IM_START] + ([IMAGE_TOKEN] if with_image_token else [])
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -81,7 +84,7 @@ def build_tiny_tokenizer(vocab_size: int = 640):
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN} if with_image_token else None,
         chat_template=CHAT_TEMPLATE,
         padding_side="right",
         model_max_length=2048,
