@@ -219,3 +219,45 @@ def test_cli_audit(bench, tmp_path):
     bad = CliRunner().invoke(app, ["audit", "--model", str(mdir), "--data", str(d / "test.jsonl"),
                                    "--out", str(tmp_path / "b"), "--layers", "0,x"])
     assert bad.exit_code != 0
+
+    from fairllava.io import atomic_write_jsonl, read_jsonl
+
+    rows = [{"id": r["id"], "prediction": "melanoma.", "reference": r["conversations"][1]["value"],
+             "attributes": r["attributes"], "label": r["label"]} for r in read_jsonl(d / "test.jsonl")]
+    atomic_write_jsonl(tmp_path / "preds.jsonl", rows)
+    cf = CliRunner().invoke(app, ["counterfactual", "--model", str(mdir), "--predictions", str(tmp_path / "preds.jsonl"),
+                                  "--data", str(d / "test.jsonl"), "--out", str(tmp_path / "cf"),
+                                  "--attribute", "sex", "--n-boot", "20"])
+    assert cf.exit_code == 0, cf.output
+    out = json.loads((tmp_path / "cf" / "counterfactual.json").read_text())
+    assert out["metrics"]["accuracy"]["mean_abs_diff"] == 0.0  # the same answer everywhere: no difference
+
+
+def test_counterfactual_pairs_with_own_vision_features(bench, tiny, tmp_path):
+    from fairllava.audit import run_counterfactual
+
+    d, records = bench
+    model, proc = tiny
+    answers = {"MEL": "melanoma.", "NV": "nevus.", "VASC": "vascular lesion."}
+    preds = []
+    for r in records:  # the light group is always right, the dark group always says melanoma
+        pred = answers[r["label"]] if r["attributes"]["race"] == "light" else "melanoma."
+        preds.append({"id": r["id"], "prediction": pred, "reference": answers[r["label"]],
+                      "attributes": r["attributes"], "label": r["label"]})
+    res = run_counterfactual(model, proc, records, d / "images", preds, tmp_path / "cf", attribute="race",
+                             groups=("light", "dark"), task="vqa", metrics=["accuracy"], n_boot=100,
+                             progress=False)
+    assert res["n_pairs"] == 12  # 4 per label and group -> 4 pairs per label
+    by_id = {r["id"]: r for r in records}
+    used = [p["a"] for p in res["pairs"]] + [p["b"] for p in res["pairs"]]
+    assert len(used) == len(set(used))
+    for p in res["pairs"]:
+        a, b = by_id[p["a"]], by_id[p["b"]]
+        assert a["label"] == b["label"] and a["attributes"]["race"] == "light" and b["attributes"]["race"] == "dark"
+    acc = res["metrics"]["accuracy"]
+    # pairs of MEL agree, the other 8 of 12 differ by 100 points
+    assert acc["mean_abs_diff"] == pytest.approx(100 * 8 / 12)
+    assert (tmp_path / "cf" / "counterfactual.json").is_file()
+    with pytest.raises(FairllavaError, match="does not occur"):
+        run_counterfactual(model, proc, records, d / "images", preds, tmp_path / "cf2", attribute="race",
+                           groups=("light", "purple"), task="vqa", progress=False)

@@ -113,3 +113,55 @@ def audit_cmd(
         chance = 100 * result["attributes"][a]["chance_balanced_accuracy"]
         console.print(f"{a} (chance {chance:.1f}%): peak probe balanced accuracy " + "; ".join(parts))
     console.print(f"wrote {out / 'audit.json'}, {out / 'leakage.png'}, {out / 'audit.md'}")
+
+
+@app.command("counterfactual")
+def counterfactual_cmd(
+    model: str = typer.Option(..., "--model", help="[NAME=]PATH of the model that made the predictions."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter DIR applied on --model."),
+    predictions: Path = typer.Option(..., "--predictions", help="Predictions JSONL of that model."),
+    data: Path = typer.Option(..., "--data", help="Records JSONL (images, labels, attributes)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image root (default: <data dir>/images)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (counterfactual.json)."),
+    attribute: str = typer.Option(..., "--attribute", help="Attribute whose groups are paired, e.g. sex."),
+    groups: Optional[str] = typer.Option(None, "--groups", help="A,B (default: the two values present)."),
+    task: str = typer.Option("vqa", "--task", help="vqa | report"),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated per-sample metrics."),
+    min_similarity: float = typer.Option(-1.0, "--min-similarity",
+                                         help="Cosine threshold on centred embeddings (-1: keep all matches)."),
+    n_boot: int = typer.Option(1000, "--n-boot"),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Counterfactual matched pairs: |Δ metric| between same-label, look-alike samples of two groups."""
+    from ..audit import run_counterfactual
+    from ..errors import FairllavaError
+    from ..io import read_jsonl
+    from ..models.loading import load_vlm
+
+    if task not in ("vqa", "report"):
+        raise FairllavaError(f"--task {task!r}: expected vqa or report")
+    pair = None
+    if groups:
+        parts = [g.strip() for g in groups.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise FairllavaError(f"--groups {groups!r}: expected exactly two values, e.g. F,M")
+        pair = (parts[0], parts[1])
+    records = read_jsonl(data, required=("id", "attributes"))
+    image_root = images if images is not None else data.parent / "images"
+    name, path = _named(model, "--model")
+    m, proc = load_vlm(path, dtype=dtype, adapter=adapter)
+    res = run_counterfactual(m, proc, records, image_root, predictions, out, attribute=attribute, groups=pair,
+                             task=task, metrics=[s.strip() for s in metrics.split(",")] if metrics else None,
+                             min_similarity=min_similarity, n_boot=n_boot, seed=seed, batch_size=batch_size,
+                             name=name, overwrite=overwrite)
+    console.print(f"{res['n_pairs']} pairs ({attribute}: {res['groups'][0]} vs {res['groups'][1]}) from "
+                  f"{res['n_samples']} samples")
+    for metric, g in res["metrics"].items():
+        if g["mean_abs_diff"] is None:
+            continue
+        ci = f" [{g['ci'][0]:.1f}, {g['ci'][1]:.1f}]" if g.get("ci") else ""
+        console.print(f"  mean |Δ {metric}| = {g['mean_abs_diff']:.1f}{ci}")
+    console.print(f"wrote {out / 'counterfactual.json'}")
