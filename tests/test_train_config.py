@@ -159,3 +159,15 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_cli_presets_lists_all():
+    from typer.testing import CliRunner
+
+    from fairllava.cli import app
+
+    res = CliRunner().invoke(app, ["presets"])
+    assert res.exit_code == 0
+    for name in list_presets():
+        assert name in res.output
+    assert "mimic_cxr\tmethod=fairllava\tstage=2\tattributes=race,age_group,sex" in res.output

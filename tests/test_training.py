@@ -43,7 +43,7 @@ def make_fixture(root: Path, n: int = 12) -> Path:
 def overrides(data: Path, out: Path, *extra: str) -> list[str]:
     return [f"model.path={data / 'model'}", f"data.train={data / 'train.jsonl'}", f"data.image_root={data / 'img'}",
             f"output_dir={out}", "optim.max_steps=2", "optim.per_device_batch_size=4", "data.max_length=64",
-            "logging.progress=false", "checkpointing.every_n_steps=1", "lora.dropout=0.0", *extra]
+            "logging.progress=false", "checkpointing.every_n_steps=2", "lora.dropout=0.0", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,8 @@ def test_method_trains_logs_and_moves_only_intended_params(case, data, base_stat
     extra, keys = CASES[case]
     method = case.split("_")[0]
     out = tmp_path / case
-    cfg = load_config(None, overrides(data, out, f"method={method}", *extra), preset_name="cpu")
+    every = "checkpointing.every_n_steps=1" if method in ("fairllava", "adversarial") else "checkpointing.every_n_steps=2"
+    cfg = load_config(None, overrides(data, out, f"method={method}", every, *extra), preset_name="cpu")
     trainer = FairTrainer(cfg)
     assert trainer.train() == out
     rows = read_metrics(out)
@@ -133,6 +134,8 @@ def test_method_trains_logs_and_moves_only_intended_params(case, data, base_stat
         assert pre and "adv_ce/sex" in pre[0]
     if case == "reweight":
         assert rows[-1]["weighted_lm_loss"] != rows[-1]["lm_loss"]
+    if case == "fairllava":
+        _check_plain_peft_reload(trainer, data, cfg, out)
 
 
 def test_stage1_trains_projector_only(data, base_state, tmp_path):
@@ -153,17 +156,14 @@ def test_stage1_trains_projector_only(data, base_state, tmp_path):
     assert orig and all(any(torch.equal(p.detach(), t) for t in stage1.values()) for p in orig)
 
 
-def test_adapter_reloads_with_plain_peft_and_same_logits(data, tmp_path):
+def _check_plain_peft_reload(trainer, data, cfg, out):
+    """The saved adapter reloads with plain PEFT on the base model and gives the trained model's logits."""
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
 
     from fairllava.data import VLMCollator, VLMDataset, vocabs_from_config
     from fairllava.models.tiny import build_tiny_processor
 
-    out = tmp_path / "peft"
-    cfg = load_config(None, overrides(data, out, "method=fairllava"), preset_name="cpu")
-    trainer = FairTrainer(cfg)
-    trainer.train()
     trained = trainer.module.model.eval()
     base = LlavaForConditionalGeneration.from_pretrained(str(data / "model"))
     reloaded = PeftModel.from_pretrained(base, str(out)).eval()
@@ -210,20 +210,14 @@ def test_errors_before_training(data, tmp_path):
         FairTrainer(cfg).train()
 
 
-def test_refuses_to_overwrite_a_run(data, tmp_path):
+def test_refuses_to_overwrite_and_resume_refuses_a_changed_config(data, tmp_path):
     out = tmp_path / "once"
-    cfg = load_config(None, overrides(data, out, "method=lora", "optim.max_steps=1"), preset_name="cpu")
+    cfg = load_config(None, overrides(data, out, "method=lora"), preset_name="cpu")
     FairTrainer(cfg).train()
     with pytest.raises(FairllavaError, match="already holds a finished run"):
         FairTrainer(cfg).train()
     with pytest.raises(FairllavaError, match="already finished"):
         FairTrainer(cfg, resume=True).train()
-
-
-def test_resume_refuses_a_changed_config(data, tmp_path):
-    out = tmp_path / "cfgchange"
-    cfg = load_config(None, overrides(data, out, "method=lora"), preset_name="cpu")
-    FairTrainer(cfg).train()
     (out / "run.json").unlink()  # as if killed after the last checkpoint
     changed = load_config(None, overrides(data, out, "method=lora", "optim.lr=5e-3"), preset_name="cpu")
     with pytest.raises(FairllavaError, match=r"--resume: the config differs .* at optim\.lr"):
@@ -232,3 +226,32 @@ def test_resume_refuses_a_changed_config(data, tmp_path):
     FairTrainer(same, resume=True).train()  # logging may change; nothing left to train, run completes
     assert json.loads((out / "run.json").read_text())["steps"] == 2
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_validation_loss_and_tensorboard(data, tmp_path):
+    out = tmp_path / "val"
+    cfg = load_config(None, overrides(data, out, "method=lora", f"data.val={data / 'train.jsonl'}",
+                                      "logging.tensorboard=true", "checkpointing.every_n_steps=2"), preset_name="cpu")
+    trainer = FairTrainer(cfg)
+    trainer.train()
+    rows = read_metrics(out)
+    assert "val/lm_loss" not in rows[0] and rows[1]["val/lm_loss"] > 0
+    # the logged value is the token-mean LM loss of the final model on the val records
+    from fairllava.data import VLMCollator, VLMDataset, vocabs_from_config
+    from fairllava.training.methods import per_sample_lm_loss
+
+    vocabs = vocabs_from_config(cfg.data.attributes)
+    ds = VLMDataset(data / "train.jsonl", data / "img", vocabs)
+    model = trainer.module.model.eval()
+    b = VLMCollator(trainer_processor(data), vocabs, max_length=64)([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        per, n = per_sample_lm_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                          pixel_values=b["pixel_values"]).logits, b["labels"])
+    assert rows[1]["val/lm_loss"] == pytest.approx(float((per * n).sum() / n.sum()), rel=1e-4)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def trainer_processor(data: Path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(data / "model"))

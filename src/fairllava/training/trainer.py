@@ -34,6 +34,7 @@ from .config import TrainConfig, save_config
 from .logging import MetricsLogger, Progress
 from .methods import (
     AdversarialMethod, FairLLaVAMethod, LoraMethod, Method, ResampleMethod, ReweightMethod, StepOutput,
+    per_sample_lm_loss,
 )
 
 _BATCH_META = ("labels", "image_mask", "attr_labels", "ids", "references", "weight", "weights")
@@ -228,6 +229,7 @@ class _Loaded:
     indices: list[int]
     method: Method
     hidden_indices: list[int]
+    val: Any = None
 
 
 class FairTrainer:
@@ -262,6 +264,7 @@ class FairTrainer:
         cfg = self.cfg
         vocabs = vocabs_from_config(cfg.data.attributes)
         dataset = VLMDataset(cfg.data.train, cfg.data.image_root, vocabs)
+        val = VLMDataset(cfg.data.val, cfg.data.image_root, vocabs) if cfg.data.val else None
         validate_data(cfg, dataset)
         if cfg.data.missing_labels != "ignore":
             kept, _ = apply_missing_policy(dataset.records, vocabs, cfg.data.missing_labels)
@@ -298,7 +301,7 @@ class FairTrainer:
             hidden_indices = method.hidden_indices(n_hs)
         except ValueError as e:
             raise FairllavaError(f"{cfg.method}: {e}") from None
-        return _Loaded(model, processor, dataset, indices, method, hidden_indices)
+        return _Loaded(model, processor, dataset, indices, method, hidden_indices, val)
 
     def _total_steps(self, per_epoch: int) -> int:
         o = self.cfg.optim
@@ -345,10 +348,14 @@ class FairTrainer:
     def _install_hooks(accelerator) -> None:
         """Checkpoint only trainable weights (LoRA, projector, heads), not the frozen base model."""
 
+        # Names without the DDP "module." prefix, so a checkpoint resumes under another process count.
+        def plain(name: str) -> str:
+            return name[len("module."):] if name.startswith("module.") else name
+
         def save_hook(models, weights, output_dir):
             for i, (m, w) in enumerate(zip(models, weights)):
                 keep = {n for n, p in m.named_parameters() if p.requires_grad}
-                sd = {k: v for k, v in w.items() if k in keep}
+                sd = {plain(k): v for k, v in w.items() if k in keep}
                 if accelerator.is_main_process:
                     ck.save_tensors(sd, Path(output_dir) / f"trainable_{i}.safetensors")
             weights.clear()
@@ -356,11 +363,15 @@ class FairTrainer:
         def load_hook(models, input_dir):
             for i, m in enumerate(models):
                 sd = ck.load_tensors(Path(input_dir) / f"trainable_{i}.safetensors")
-                keep = {n for n, p in m.named_parameters() if p.requires_grad}
-                if set(sd) != keep:
-                    raise FairllavaError(f"{input_dir}: checkpoint weights do not match this run's trainable parameters")
-                missing, unexpected = m.load_state_dict(sd, strict=False)
-                assert not unexpected, unexpected
+                params = {plain(n): p for n, p in m.named_parameters() if p.requires_grad}
+                if set(sd) != set(params):
+                    diff = sorted(set(sd) ^ set(params))[:3]
+                    raise FairllavaError(
+                        f"{input_dir}: checkpoint weights do not match this run's trainable parameters (e.g. {diff})"
+                    )
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(sd[n].to(p.device, p.dtype))
             models.clear()
 
         accelerator.register_save_state_pre_hook(save_hook)
@@ -503,15 +514,19 @@ class FairTrainer:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step = step + 1
-                if state.step % cfg.logging.every_n_steps == 0 or state.step == total:
-                    row = self._reduce_logs(accelerator, acc_logs)
-                    row.update({"epoch": epoch, "lr": scheduler.get_last_lr()[0]})
+                do_ckpt = state.step % cfg.checkpointing.every_n_steps == 0 or state.step == total
+                extra = {}
+                if do_ckpt and loaded.val is not None:
+                    extra["val/lm_loss"] = self._validate(accelerator, module, loaded.val, collator)
+                if state.step % cfg.logging.every_n_steps == 0 or state.step == total or extra:
+                    row = self._reduce_logs(accelerator, acc_logs) if acc_logs else {}
+                    row.update({"epoch": epoch, "lr": scheduler.get_last_lr()[0], **extra})
                     logger.log(state.step, row)
                     progress.update(state.step, row)
                     acc_logs = {}
                 else:
                     progress.update(state.step)
-                if state.step % cfg.checkpointing.every_n_steps == 0 or state.step == total:
+                if do_ckpt:
                     self._save_checkpoint(accelerator, module, method, state.step)
         finally:
             progress.close()
@@ -533,6 +548,27 @@ class FairTrainer:
         if accelerator.num_processes > 1:
             local = accelerator.reduce(local.to(accelerator.device), reduction="mean").cpu()
         return {k: float(x) for k, x in zip(keys, local.tolist())}
+
+    def _validate(self, accelerator, module, val, collator) -> float:
+        """Token-mean LM loss on ``data.val`` (eval mode, no grad; consumes no RNG, so resume stays exact)."""
+        model = accelerator.unwrap_model(module).model
+        bs = self.cfg.optim.per_device_batch_size
+        rank, world = accelerator.process_index, accelerator.num_processes
+        mine = list(range(rank, len(val), world))
+        tot = torch.zeros(2, dtype=torch.float64)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(mine), bs):
+                batch = _to_device(collator([val[j] for j in mine[i:i + bs]]), accelerator.device)
+                inputs = {k: v for k, v in batch.items() if k not in _BATCH_META and isinstance(v, torch.Tensor)}
+                logits = model(**inputs, use_cache=False).logits
+                per, n = per_sample_lm_loss(logits, batch["labels"])
+                tot += torch.stack([(per * n).sum(), n.sum()]).double().cpu()
+        model.train(was_training)
+        if world > 1:
+            tot = accelerator.reduce(tot.to(accelerator.device), reduction="sum").cpu()
+        return float(tot[0] / tot[1].clamp_min(1))
 
     def _save_checkpoint(self, accelerator, module, method, step: int) -> None:
         tmp = ck.temp_checkpoint_dir(self.run_dir, step)
