@@ -61,8 +61,9 @@ def load_vlm(
 
     _register_custom_models()
     src = str(path_or_id)
-    local = Path(src)
+    local = Path(src).expanduser()
     if local.exists():
+        src = str(local)
         if not (local / "config.json").is_file():
             hint = ""
             if (local / "adapter_config.json").is_file():
