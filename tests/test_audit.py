@@ -261,3 +261,19 @@ def test_counterfactual_pairs_with_own_vision_features(bench, tiny, tmp_path):
     with pytest.raises(FairllavaError, match="does not occur"):
         run_counterfactual(model, proc, records, d / "images", preds, tmp_path / "cf2", attribute="race",
                            groups=("light", "purple"), task="vqa", progress=False)
+
+
+def test_cache_refuses_other_weights(bench, tmp_path):
+    from fairllava.models.loading import LoraSettings, apply_lora
+    from fairllava.models.tiny import build_tiny_llava
+
+    d, records = bench
+    model, proc = build_tiny_llava(seed=0)
+    model = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    cfg = FeatureConfig(layers=[0], batch_size=4)
+    extract_features(model, proc, records[:4], d / "images", tmp_path / "f", cfg, progress=False)
+    extract_features(model, proc, records[:4], d / "images", tmp_path / "f", cfg, progress=False)  # reuse: fine
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.1)  # "another adapter"
+    with pytest.raises(FairllavaError, match="another model"):
+        extract_features(model, proc, records[:4], d / "images", tmp_path / "f", cfg, progress=False)

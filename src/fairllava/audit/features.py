@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -130,7 +130,8 @@ def _token_mask(batch: dict, tokens: str, model) -> torch.Tensor:
 
 
 def _model_name_hash(model) -> str:
-    """A cheap fingerprint so a cache is never reused for a different model: class, config, a few weights."""
+    """A fingerprint so a cache is never reused for a different model: class, config and every weight tensor's
+    sum (adapters included — two LoRA adapters on one base must not share a cache)."""
     from ..models.loading import unwrap_model
 
     base = unwrap_model(model)
@@ -139,7 +140,7 @@ def _model_name_hash(model) -> str:
     if cfg is not None and hasattr(cfg, "to_json_string"):
         h.append(cfg.to_json_string(use_diff=False))
     with torch.no_grad():
-        for name, p in list(model.named_parameters())[:: max(1, len(list(model.parameters())) // 16)]:
+        for name, p in model.named_parameters():
             h.append(f"{name}:{float(p.detach().float().sum()):.6e}")
     return f"{stable_hash(*h):016x}"
 
