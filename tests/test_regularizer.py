@@ -459,3 +459,39 @@ def test_penalty_removes_attribute_information_from_an_encoder():
     assert probe_off > 0.95 and task_off > 0.95  # without the penalty `a` stays linearly decodable
     assert probe_on < 0.65, probe_on  # with it a fresh probe is near chance (0.5)
     assert task_on > 0.95  # and the task is kept
+
+
+def _gather_worker(rank, world, init_file):
+    import torch.distributed as dist
+
+    from fairllava import club_mi
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(0)
+        full_z = torch.randn(5, 3, generator=g, dtype=torch.float64)
+        full_y = torch.tensor([0, 1, 2, 1, 0])
+        weights = torch.randn(5, 3, generator=g, dtype=torch.float64)
+        sl = slice(0, 3) if rank == 0 else slice(3, 5)  # unequal shard sizes
+        z = full_z[sl].clone().requires_grad_(True)
+        gathered = all_gather_with_grad(z)
+        assert torch.equal(gathered.detach(), full_z)
+        labels = all_gather_labels({"a": full_y[sl]})
+        assert torch.equal(labels["a"], full_y)
+        (gathered * weights).sum().backward()
+        # every rank computes the same global loss; gradients are summed over ranks onto the local shard
+        assert torch.allclose(z.grad, world * weights[sl])
+        # the estimate on the gathered batch equals the single-process estimate on the full batch
+        zz = full_z[sl].clone().requires_grad_(True)
+        est = club_mi(all_gather_with_grad(zz), labels["a"])
+        assert abs(est.item() - club_mi(full_z, full_y).item()) < 1e-12
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_gather_two_processes_gloo(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "pg_init")), nprocs=2, join=True)
