@@ -32,6 +32,7 @@ def _register_prepare_shortcut() -> None:
         minority_frac: float = typer.Option(0.3, "--minority-frac"),
         evidence_probe: bool = typer.Option(True, "--evidence-probe/--no-evidence-probe"),
         evidence_features: str = typer.Option("pixels", "--evidence-features", help="pixels | efficientnet"),
+        n_probe_per_cell: int = typer.Option(100, "--n-probe-per-cell", help="Evidence-probe sample per cell."),
         iu_data_dir: Path = typer.Option(None, "--iu-data-dir",
                                          help="cxr-report: folder with NLMCXR_reports.tgz and "
                                               "nlmcxr_dicom_metadata.csv.gz (default: the torchxrayvision wheel)."),
@@ -46,6 +47,7 @@ def _register_prepare_shortcut() -> None:
                                     n_val_per_cell=n_val_per_cell, n_test_per_cell=n_test_per_cell,
                                     image_size=image_size, minority_frac=minority_frac,
                                     evidence_probe=evidence_probe, evidence_features=evidence_features,
+                                    n_probe_per_cell=n_probe_per_cell,
                                     iu_data_dir=iu_data_dir, overwrite=overwrite)
         except FairllavaError:
             raise

@@ -152,7 +152,7 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
     Image.fromarray(arr, mode=mode).save(path, format="PNG", optimize=False)
 
 
-def _patient_plan(rng: np.random.Generator, cells: list[tuple[str, str]], split: str, start: int) -> list[dict]:
+def _patient_plan(rng: np.random.Generator, cells: list[tuple[str, str]], start: int) -> list[dict]:
     """Group (tone, class) cells into synthetic patients of 1-3 images sharing tone, sex and age group."""
     by_tone: dict[str, list[str]] = {}
     for tone, cls in cells:
@@ -505,7 +505,7 @@ def _derm_plan(cfg: ShortcutConfig):
     items: list[_Item] = []
     start = 0
     for split in SPLITS:
-        plan = _patient_plan(_rng(cfg.seed, cfg.task, "plan", split), cells[split], split, start)
+        plan = _patient_plan(_rng(cfg.seed, cfg.task, "plan", split), cells[split], start)
         start += len({p["patient"] for p in plan})
         for i, p in enumerate(plan):
             items.append(_Item(split, i, p["patient"], p["race"], p["sex"], p["age_group"], p["label"]))
