@@ -242,8 +242,9 @@ class FairLLaVAMethod(Method):
             return []
         return list(self.regularizer.param_groups(base_lr))
 
-    def make_dac_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        dac_lr = getattr(self.cfg, "dac_lr", None) or lr
+    def make_dac_optimizer(self, lr: float, override: Optional[float] = None) -> torch.optim.Optimizer:
+        """The heads' own AdamW (alternating mode): lr = ``override`` (optim.dac_lr) > fairness ``dac_lr`` > ``lr``."""
+        dac_lr = override or getattr(self.cfg, "dac_lr", None) or lr
         self.dac_optimizer = torch.optim.AdamW(
             [p for p in self.regularizer.parameters() if p.requires_grad], lr=dac_lr, weight_decay=0.0
         )

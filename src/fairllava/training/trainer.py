@@ -14,7 +14,6 @@ would step it once per process) but checkpointed as a registered object.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
@@ -439,7 +438,7 @@ class FairTrainer:
         extra_opt = None
         if isinstance(method, FairLLaVAMethod) and method.update_mode == "alternating":
             method.regularizer.to(accelerator.device)
-            extra_opt = method.make_dac_optimizer(o.lr)
+            extra_opt = method.make_dac_optimizer(o.lr, override=o.dac_lr)
         pre_opt = None
         if isinstance(method, AdversarialMethod) and cfg.adversarial.pretrain_steps > 0:
             pre_opt = torch.optim.AdamW(method.module.parameters(), lr=cfg.adversarial.pretrain_lr, weight_decay=0.0)
