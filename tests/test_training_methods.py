@@ -137,3 +137,26 @@ def test_adversarial_pretraining_is_detached_and_uses_loss_mode():
     assert h[1].grad is None  # backbone frozen: features detached
     assert all(p.grad is not None for p in m.module.parameters())
     assert "grl_strength" not in out.logs
+
+
+def test_optimizer_param_groups_give_heads_their_own_lr():
+    from fairllava.regularizer import FairnessRegularizer
+    from fairllava.training.config import OptimConfig
+    from fairllava.training.methods import FairLLaVAMethod
+    from fairllava.training.trainer import build_optimizer
+
+    model = torch.nn.Linear(8, 8)
+    frozen = torch.nn.Linear(8, 8).requires_grad_(False)
+    model.add_module("frozen", frozen)
+    reg = FairnessRegularizer({"attributes": {"sex": 2}, "dac_lr": 5e-3}, hidden_size=8)
+    opt = build_optimizer(model, FairLLaVAMethod(reg, reg.cfg), OptimConfig(lr=1e-4, weight_decay=0.01))
+    g_model, g_heads = opt.param_groups
+    assert g_model["lr"] == 1e-4 and g_model["weight_decay"] == 0.01
+    assert {id(p) for p in g_model["params"]} == {id(model.weight), id(model.bias)}  # frozen excluded
+    assert g_heads["lr"] == 5e-3 and g_heads["weight_decay"] == 0.0
+    assert {id(p) for p in g_heads["params"]} == {id(p) for p in reg.heads.parameters()}
+    opt = build_optimizer(model, FairLLaVAMethod(reg, reg.cfg), OptimConfig(lr=1e-4, dac_lr=2e-2))
+    assert opt.param_groups[1]["lr"] == 2e-2  # optim.dac_lr overrides fairness.dac_lr
+    alt = FairnessRegularizer({"attributes": {"sex": 2}, "update_mode": "alternating"}, hidden_size=8)
+    opt = build_optimizer(model, FairLLaVAMethod(alt, alt.cfg), OptimConfig(lr=1e-4))
+    assert len(opt.param_groups) == 1  # alternating: heads have their own optimizer

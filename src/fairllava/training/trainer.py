@@ -194,6 +194,20 @@ def versions() -> dict[str, str]:
             "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
 
 
+def build_optimizer(model: nn.Module, method: Method, o) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters (lr) and the method's extras (``optim.dac_lr`` if set,
+    else the method's own choice, e.g. ``fairness.dac_lr``, else lr). Heads never get weight decay."""
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": o.lr,
+               "weight_decay": o.weight_decay, "name": "model"}]
+    extra = method.param_groups(o.lr)
+    for g in extra:
+        g.setdefault("weight_decay", 0.0)
+        g.setdefault("name", method.name)
+        if o.dac_lr is not None:
+            g["lr"] = o.dac_lr
+    return torch.optim.AdamW([g for g in groups + extra if g["params"]], lr=o.lr, weight_decay=o.weight_decay)
+
+
 # ----------------------------------------------------------------------------- validation
 def validate_data(cfg: TrainConfig, dataset) -> None:
     """Every configured attribute must occur in the data; fairness classes must match the vocabularies."""
@@ -423,14 +437,7 @@ class FairTrainer:
         if isinstance(method, AdversarialMethod):
             method.total_steps = total
 
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": o.lr,
-                   "weight_decay": o.weight_decay, "name": "model"}]
-        extra_groups = method.param_groups(o.lr)
-        if o.dac_lr is not None:  # heads / discriminator with their own lr
-            for g in extra_groups:
-                g["lr"] = o.dac_lr
-        groups += extra_groups
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, weight_decay=o.weight_decay)
+        optimizer = build_optimizer(model, method, o)
         scheduler = get_scheduler(o.scheduler if o.scheduler != "constant" else "constant_with_warmup", optimizer,
                                   num_warmup_steps=int(round(o.warmup_ratio * total)), num_training_steps=total)
         module = TrainingModule(model, method, loaded.hidden_indices)
