@@ -419,6 +419,8 @@ class FairTrainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
         )
         resume_from = self._check_run_dir()
+        if resume_from is not None:
+            _check_same_config(cfg, resume_from / "config.yaml")
         set_seed(o.seed)
         loaded = self._load(accelerator)
         model, method = loaded.model, loaded.method
@@ -462,7 +464,6 @@ class FairTrainer:
             save_config(cfg, self.run_dir / "config.yaml")
         logger = MetricsLogger(self.run_dir, enabled=main, tensorboard=cfg.logging.tensorboard)
         if resume_from is not None:
-            _check_same_config(cfg, resume_from / "config.yaml")
             accelerator.load_state(str(resume_from))
             logger.truncate_after(state.step)
         elif self.resume and main:
