@@ -152,3 +152,66 @@ def test_bad_input_raises_value_error(logits, labels, match):
 def test_bad_negatives_mode():
     with pytest.raises(ValueError, match="negatives must be one of"):
         club_mi(torch.randn(3, 2), torch.tensor([0, 1, 0]), negatives="diag")
+
+
+# ---------------------------------------------------------------- conditional (label-stratified) estimate
+def _brute_conditional(logits, labels, strata, negatives="offdiag"):
+    """sum_s n_s/N * CLUB_s with the explicit B_s x B_s matrix per stratum."""
+    lp = torch.log_softmax(logits.double(), -1)
+    total, acc = 0, 0.0
+    for s in strata.unique().tolist():
+        idx = (strata == s).nonzero().flatten()
+        n = len(idx)
+        if n < 2:
+            continue
+        L = lp[idx][:, labels[idx]]  # L_ij = log q(y_j | z_i)
+        pos = L.diagonal().mean()
+        neg = (L.sum() - L.diagonal().sum()) / (n * (n - 1)) if negatives == "offdiag" else L.mean()
+        acc = acc + n * (pos - neg)
+        total += n
+    return acc / total if total else torch.zeros((), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("negatives", ["offdiag", "full"])
+def test_conditional_club_matches_bruteforce(negatives):
+    g = torch.Generator().manual_seed(7)
+    for _ in range(100):
+        B = int(torch.randint(1, 20, (1,), generator=g))
+        K = int(torch.randint(2, 5, (1,), generator=g))
+        S = int(torch.randint(1, 4, (1,), generator=g))
+        logits = torch.randn(B, K, generator=g, dtype=torch.float64, requires_grad=True)
+        labels = torch.randint(0, K, (B,), generator=g)
+        strata = torch.randint(0, S, (B,), generator=g) * 3  # non-contiguous ids
+        fast = club_mi(logits, labels, negatives, strata=strata)
+        ref = _brute_conditional(logits, labels, strata, negatives)
+        assert torch.allclose(fast, torch.as_tensor(ref, dtype=fast.dtype), atol=1e-9)
+        if B >= 2 and torch.is_tensor(ref) and ref.requires_grad:
+            g1, = torch.autograd.grad(fast, logits)
+            g2, = torch.autograd.grad(ref, logits)
+            assert torch.allclose(g1, g2, atol=1e-9)
+
+
+def test_conditional_club_ignores_label_information():
+    """z that encodes only the task label carries attribute info marginally, but none given the label."""
+    g = torch.Generator().manual_seed(0)
+    B = 4000
+    y_task = torch.randint(0, 2, (B,), generator=g)
+    # attribute correlated with the task label (a shortcut in the data)
+    attr = torch.where(torch.rand(B, generator=g) < torch.where(y_task == 1, 0.85, 0.2), 1, 0)
+    # a classifier that knows only y_task: q(a|z) = p(a|y)
+    p1 = torch.where(y_task == 1, 0.85, 0.2)
+    logits = torch.stack([torch.log(1 - p1), torch.log(p1)], 1)
+    marginal = club_mi(logits, attr)
+    conditional = club_mi(logits, attr, strata=y_task)
+    assert marginal > 0.1
+    assert abs(float(conditional)) < 0.01
+    # a classifier that also sees the attribute itself is penalised in both forms
+    leak = logits + 3.0 * torch.nn.functional.one_hot(attr, 2)
+    assert club_mi(leak, attr, strata=y_task) > 0.1
+
+
+def test_conditional_club_bad_strata():
+    with pytest.raises(ValueError, match="strata"):
+        club_mi(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), strata=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="strata"):
+        club_mi(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), strata=torch.zeros(4))

@@ -181,3 +181,14 @@ def test_multi_turn_and_text_only_tokenizer(proc):
     assert "pixel_values" not in batch and not batch["image_mask"].any()
     with pytest.raises(FairllavaError, match="text-only tokenizer"):
         tok_only(_items()[:1])
+
+
+def test_task_labels_for_conditional_mi(proc):
+    items = _items()
+    items[0]["label"], items[1]["label"], items[2]["label"] = "NV", None, "MEL"
+    batch = VLMCollator(proc, {}, mode="train", task_labels=["MEL", "NV", "VASC"])(items)
+    assert batch["task_labels"].tolist() == [1, IGNORE_INDEX, 0]
+    assert "task_labels" not in VLMCollator(proc, {}, mode="train")(items)
+    items[2]["label"] = "BCC"
+    with pytest.raises(FairllavaError, match="id=c: label 'BCC'"):
+        VLMCollator(proc, {}, mode="train", task_labels=["MEL", "NV", "VASC"])(items)

@@ -495,3 +495,24 @@ def test_gather_two_processes_gloo(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_gather_worker, args=(2, str(tmp_path / "pg_init")), nprocs=2, join=True)
+
+
+def test_conditional_mode_needs_and_uses_strata():
+    from fairllava import FairnessConfig, FairnessRegularizer
+
+    cfg = FairnessConfig.from_dict({"attributes": {"race": {"num_classes": 2, "weight": 1.0}},
+                                    "mi_pooling": "masked_mean", "mi_conditional": True})
+    reg = FairnessRegularizer(cfg, hidden_size=8)
+    h = torch.randn(6, 5, 8, requires_grad=True)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    labels = {"race": torch.tensor([0, 1, 0, 1, 0, 1])}
+    with pytest.raises(ValueError, match="strata"):
+        reg([h], mask, labels, step=0)
+    out = reg([h], mask, labels, step=0, strata=torch.tensor([0, 0, 0, 1, 1, -100]))
+    out["loss"].backward()
+    assert h.grad is not None and torch.isfinite(out["loss"])
+    # the estimate equals the conditional club_mi on the same pooled z and (detached) head
+    z = h.detach().mean(1)
+    from fairllava import club_mi
+    ref = club_mi(reg.heads["race"](z), labels["race"], strata=torch.tensor([0, 0, 0, 1, 1, -100]))
+    assert abs(out["logs"]["mi/race"] - float(ref)) < 1e-5

@@ -58,6 +58,7 @@ class VLMCollator:
         image_token_id: int | None = None,
         chat_template: str | None = None,
         system_prompt: str | None = None,
+        task_labels: Sequence[str] | None = None,
     ) -> None:
         if mode not in ("train", "generate"):
             raise ValueError(f"VLMCollator.mode: expected 'train' or 'generate', got {mode!r}")
@@ -70,6 +71,8 @@ class VLMCollator:
         self.max_length = int(max_length)
         self.chat_template = chat_template
         self.system_prompt = system_prompt
+        # Task-label classes (e.g. the lesion codes): emitted as ``task_labels`` for the conditional MI estimate.
+        self.task_labels = {str(c): i for i, c in enumerate(task_labels)} if task_labels else None
         self.image_token = getattr(processor, "image_token", None)
         self.image_token_id = resolve_image_token_id(processor, image_token_id)
         pad = self.tokenizer.pad_token_id
@@ -204,12 +207,28 @@ class VLMCollator:
         batch["image_mask"] = image_mask
         batch["attr_labels"] = self._attr_labels(items)
         batch["ids"] = [str(it["id"]) for it in items]
+        if self.task_labels is not None:
+            batch["task_labels"] = self._task_labels(items)
         if any("weight" in it for it in items):
             batch["weights"] = torch.tensor([float(it.get("weight", 1.0)) for it in items], dtype=torch.float32)
         if self.mode == "generate":
             batch["references"] = [it["conversations"][1]["value"] if len(it["conversations"]) > 1 else None
                                    for it in items]
         return batch
+
+    def _task_labels(self, items: Sequence[dict]) -> torch.Tensor:
+        """Record ``label`` -> class id; a missing label is IGNORE_INDEX, an unknown one an error naming the id."""
+        vals = []
+        for it in items:
+            lab = it.get("label")
+            if lab is None:
+                vals.append(IGNORE_INDEX)
+            elif str(lab) in self.task_labels:
+                vals.append(self.task_labels[str(lab)])
+            else:
+                raise FairllavaError(f"id={it.get('id')}: label {lab!r} is not one of the task labels "
+                                     f"{sorted(self.task_labels)}")
+        return torch.tensor(vals, dtype=torch.long)
 
     def _attr_labels(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
         out = {}

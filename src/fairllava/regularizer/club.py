@@ -49,6 +49,7 @@ def club_mi(
     labels: torch.Tensor,
     negatives: str = "offdiag",
     ignore_index: int = -100,
+    strata: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mini-batch CLUB estimate ``positive - negative`` from DAC logits ``[B, K]`` and labels ``[B]``.
 
@@ -57,8 +58,16 @@ def club_mi(
     Rows labelled ``ignore_index`` are left out. Fewer than two valid rows, or a single class present,
     give an exact, differentiable 0 (never NaN). Computed in (at least) fp32; only the
     label-range check syncs the device.
+
+    ``strata`` (optional, integer ``[B]``, ``ignore_index`` = unknown) turns it into a *conditional*
+    estimate of I(a; z | s): negatives pair only rows of the same stratum, and the per-stratum estimates
+    are averaged with weights n_s (strata with < 2 rows drop out). With s = the task label (the lesion class,
+    the finding), label information that merely correlates with the attribute in the training data is not
+    penalised — only what z says about the attribute beyond the label (an equalised-odds-style target).
     """
     _check_inputs(logits, labels, negatives, ignore_index)
+    if strata is not None:
+        return _conditional_club(logits, labels, strata, negatives, ignore_index)
     labels = labels.to(device=logits.device, dtype=torch.long)
     n_classes = logits.shape[1]
     # At least fp32 (bf16/fp16 logits are upcast); fp64 inputs stay fp64.
@@ -81,3 +90,39 @@ def club_mi(
     # |V| < 2 or one class present: the estimate is 0 by definition; keep the graph (zero gradient).
     defined = (n >= 2) & ((counts > 0).sum() >= 2)
     return torch.where(defined, mi, torch.zeros_like(mi))
+
+
+def _conditional_club(logits: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor, negatives: str,
+                      ignore_index: int) -> torch.Tensor:
+    """sum_s (n_s / N) * CLUB_s, every term in O(B·K) through per-stratum class counts."""
+    if not isinstance(strata, torch.Tensor) or strata.dim() != 1 or strata.shape[0] != logits.shape[0]:
+        raise ValueError(f"strata must be an integer tensor of shape [B] = [{logits.shape[0]}], got "
+                         f"{tuple(getattr(strata, 'shape', ()))}")
+    if strata.is_floating_point() or strata.dtype == torch.bool:
+        raise ValueError(f"strata must be an integer tensor, got dtype {strata.dtype}")
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    strata = strata.to(device=logits.device, dtype=torch.long)
+    lp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    valid = (labels != ignore_index) & (strata != ignore_index)
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    _, s = torch.unique(torch.where(valid, strata, torch.zeros_like(strata)), return_inverse=True)
+    n_strata, n_classes = int(s.max()) + 1 if s.numel() else 1, logits.shape[1]
+    lp = torch.where(valid[:, None], lp, torch.zeros_like(lp))
+    w = valid.to(lp.dtype)
+    counts = torch.zeros(n_strata * n_classes, dtype=lp.dtype, device=lp.device)
+    counts = counts.scatter_add_(0, s * n_classes + y, w).view(n_strata, n_classes)      # c_{s,k}
+    pos_i = lp.gather(1, y[:, None]).squeeze(1)                                          # log q(y_i|z_i)
+    cross_i = (lp * counts[s]).sum(1)                                                    # sum_{j in s(i)} log q(y_j|z_i)
+    zeros = torch.zeros(n_strata, dtype=lp.dtype, device=lp.device)
+    n_s = zeros.scatter_add(0, s, w)
+    pos_s = zeros.scatter_add(0, s, pos_i)
+    cross_s = zeros.scatter_add(0, s, cross_i)
+    if negatives == "offdiag":
+        neg_s = (cross_s - pos_s) / (n_s * (n_s - 1)).clamp(min=1.0)
+    else:
+        neg_s = cross_s / (n_s * n_s).clamp(min=1.0)
+    mi_s = pos_s / n_s.clamp(min=1.0) - neg_s
+    weight = torch.where(n_s >= 2, n_s, torch.zeros_like(n_s))
+    total = weight.sum()
+    mi = (weight * mi_s).sum() / total.clamp(min=1.0)
+    return torch.where(total > 0, mi, torch.zeros_like(mi))

@@ -139,6 +139,7 @@ class FairnessConfig:
     mi_penalty: str = "smooth_abs"      # smooth_abs sqrt(I^2 + eps) (reference) | signed (paper Eq. 9) | relu
     mi_penalty_eps: float = 1e-6
     negatives: str = "offdiag"          # offdiag (reference) | full (original CLUB)
+    mi_conditional: bool = False        # [ours] estimate I(a; z | task label): negatives only within the same label
     update_mode: str = "joint"          # joint (reference, stop-gradients) | alternating (paper Algorithm 1)
     n_dac_steps: int = 1                # DAC updates per micro-batch in alternating mode
     dac_warmup_steps: int = 0           # penalty weight is 0 before this step; the DAC still trains

@@ -157,10 +157,27 @@ class FairnessRegularizer(nn.Module):
             out[name] = y[row_index.to(device)] if row_index is not None else y
         return out
 
-    def _gather(self, z: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _row_strata(self, strata: torch.Tensor | None, n_rows: int, row_index: torch.Tensor | None,
+                    device: torch.device) -> torch.Tensor | None:
+        """Per-sample task labels for the conditional estimate, expanded to rows like the attribute labels."""
+        if not self.cfg.mi_conditional:
+            return None
+        if strata is None:
+            raise ValueError("strata: mi_conditional=True needs the task label of every sample "
+                             "(LongTensor[B], ignore_index for unknown); the records need a 'label' field")
+        if not isinstance(strata, torch.Tensor) or strata.dim() != 1 or strata.shape[0] != n_rows:
+            raise ValueError(f"strata must be an integer tensor of shape [B] = [{n_rows}], got "
+                             f"{tuple(getattr(strata, 'shape', ()))}")
+        strata = strata.to(device=device, dtype=torch.long)
+        return strata[row_index.to(device)] if row_index is not None else strata
+
+    def _gather(self, z: torch.Tensor, y: dict[str, torch.Tensor], s: torch.Tensor | None = None):
         if not self.cfg.gather_across_ranks:
-            return z, y
-        return all_gather_with_grad(z), all_gather_labels(y)
+            return z, y, s
+        if s is not None:
+            y = {**y, "__strata__": s}
+        z, y = all_gather_with_grad(z), all_gather_labels(y)
+        return z, y, y.pop("__strata__", None)
 
     def _resolve_step(self, step: int | None) -> int:
         if step is None:
@@ -195,7 +212,8 @@ class FairnessRegularizer(nn.Module):
                 stats[f"dac_acc/{name}"] = torch.where(n > 0, correct / n.clamp(min=1), torch.nan)
         return total, stats
 
-    def _dim_terms(self, z: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _dim_terms(self, z: torch.Tensor, y: dict[str, torch.Tensor], strata: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted DIM penalty under detached head parameters (reaches the model only)."""
         cfg = self.cfg
         total = z.new_zeros((), dtype=torch.float32)
@@ -204,7 +222,7 @@ class FairnessRegularizer(nn.Module):
             params = {k: v.detach() for k, v in head.named_parameters()}
             logits = functional_call(head, params, (self._head_input(name, z),))
             ya = y[name]
-            mi = club_mi(logits, ya, cfg.negatives, cfg.ignore_index)
+            mi = club_mi(logits, ya, cfg.negatives, cfg.ignore_index, strata=strata)
             if cfg.mi_penalty == "smooth_abs":
                 dim = torch.sqrt(mi * mi + cfg.mi_penalty_eps)
             elif cfg.mi_penalty == "relu":
@@ -226,10 +244,12 @@ class FairnessRegularizer(nn.Module):
         token_mask: torch.Tensor,
         labels: Mapping[str, torch.Tensor],
         step: int | None = None,
+        strata: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Joint mode: one call, one backward. Returns ``loss``, ``dim_loss``, ``dac_loss`` (tensors) and ``logs``.
 
-        ``step`` is the optimizer step (for the DAC warm-up); ``None`` counts calls instead.
+        ``step`` is the optimizer step (for the DAC warm-up); ``None`` counts calls instead. ``strata`` ([B]
+        task labels, -100 = unknown) is required when ``mi_conditional`` is on.
         """
         if self.cfg.update_mode != "joint":
             raise ValueError("update_mode='alternating': call dac_update(z.detach(), ...) then penalty(z, ...) "
@@ -237,9 +257,10 @@ class FairnessRegularizer(nn.Module):
         step = self._resolve_step(step)
         z, rows = self.pool(hidden_states, token_mask)
         y = self._row_labels(labels, token_mask.shape[0], rows, z.device)
-        z, y = self._gather(z, y)
+        s = self._row_strata(strata, token_mask.shape[0], rows, z.device)
+        z, y, s = self._gather(z, y, s)
         dac_total, dac_stats = self._dac_terms(z, y)
-        dim_total, dim_stats = self._dim_terms(z, y)
+        dim_total, dim_stats = self._dim_terms(z, y, s)
         w = self.penalty_weight(step)
         dim_term = dim_total if w > 0 else dim_total.detach() * 0.0
         lam = self.cfg.fairness_lambda
@@ -274,7 +295,7 @@ class FairnessRegularizer(nn.Module):
         z = z_detached.detach()
         n_rows = z.shape[0] if row_index is None else _n_samples(labels)
         y = self._row_labels(labels, n_rows, row_index, z.device)
-        z, y = self._gather(z, y)
+        z, y, _ = self._gather(z, y)
         first_stats: dict[str, torch.Tensor] = {}
         with torch.enable_grad():
             for i in range(n_steps):
@@ -292,13 +313,15 @@ class FairnessRegularizer(nn.Module):
         labels: Mapping[str, torch.Tensor],
         step: int | None = None,
         row_index: torch.Tensor | None = None,
+        strata: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Alternating mode, step 2: ``loss = fairness_lambda * w * sum_a lambda_a DIM_a`` with the heads frozen."""
         step = self._resolve_step(step)
         n_rows = z.shape[0] if row_index is None else _n_samples(labels)
         y = self._row_labels(labels, n_rows, row_index, z.device)
-        z, y = self._gather(z, y)
-        dim_total, stats = self._dim_terms(z, y)
+        s = self._row_strata(strata, n_rows, row_index, z.device)
+        z, y, s = self._gather(z, y, s)
+        dim_total, stats = self._dim_terms(z, y, s)
         w = self.penalty_weight(step)
         dim_term = dim_total if w > 0 else dim_total.detach() * 0.0
         logs = _to_floats({**stats, "dim_loss": dim_total.detach()})
