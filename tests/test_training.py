@@ -34,6 +34,7 @@ def make_fixture(root: Path, n: int = 12) -> Path:
             "conversations": [{"from": "human", "value": "<image>\ndescribe the chest"},
                               {"from": "gpt", "value": rng.choice(["no acute process.", "mild cardiomegaly.",
                                                                   "small left pleural effusion."])}],
+            "label": ["normal", "abnormal"][i % 2],
             "attributes": {"sex": "F" if i % 3 == 0 else "M", "age_group": [None, "0-44", "45-65", "66+"][i % 4], "race": None},
         })
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -103,6 +104,7 @@ CASES = {
     "lora": ([], ["lm_loss", "grad_norm", "lr"]),
     "fairllava": ([], ["lm_loss", "fair_loss", "mi/sex", "dim/age_group", "dac_ce/sex", "dac_acc/age_group", "n_valid/sex"]),
     "fairllava_alt": (["method=fairllava", "fairness.update_mode=alternating"], ["lm_loss", "mi/sex", "dac_acc/sex", "n_valid/age_group"]),
+    "fairllava_cond": (["method=fairllava", "fairness.mi_conditional=true"], ["lm_loss", "mi/sex", "n_valid/sex"]),
     "reweight": ([], ["lm_loss", "weighted_lm_loss", "mean_weight"]),
     "resample": ([], ["lm_loss"]),
     "adversarial": (["adversarial.pretrain_steps=1"], ["lm_loss", "adv_ce/sex", "adv_acc/age_group", "grl_strength", "n_valid/sex"]),

@@ -257,7 +257,8 @@ class FairLLaVAMethod(Method):
         reg = self.regularizer
         mask = reg.select_tokens(batch["attention_mask"], batch["image_mask"])
         if self.update_mode == "joint":
-            out = reg(hidden_states=states, token_mask=mask, labels=batch["attr_labels"], step=step)
+            out = reg(hidden_states=states, token_mask=mask, labels=batch["attr_labels"], step=step,
+                      strata=batch.get("task_labels"))
             logs.update({k: float(v) for k, v in out["logs"].items()})
             logs["fair_loss"] = _f(out["loss"])
             return StepOutput(self.ce_loss_weight * lm + out["loss"], logs)
@@ -272,7 +273,7 @@ class FairLLaVAMethod(Method):
         z, rows = out.aux["z"], out.aux["rows"]
         labels = batch["attr_labels"]
         dac = self.regularizer.dac_update(z.detach(), labels, self.dac_optimizer, self.n_dac_steps, row_index=rows)
-        pen = self.regularizer.penalty(z, labels, step=step, row_index=rows)
+        pen = self.regularizer.penalty(z, labels, step=step, row_index=rows, strata=batch.get("task_labels"))
         logs = dict(out.logs)
         for src in (dac.get("logs", {}), pen.get("logs", {})):
             logs.update({k: float(v) for k, v in src.items()})

@@ -36,7 +36,7 @@ from .methods import (
     per_sample_lm_loss,
 )
 
-_BATCH_META = ("labels", "image_mask", "attr_labels", "ids", "references", "weight", "weights")
+_BATCH_META = ("labels", "image_mask", "attr_labels", "ids", "references", "weight", "weights", "task_labels")
 
 
 # ----------------------------------------------------------------------------- data order
@@ -472,7 +472,8 @@ class FairTrainer:
             console.print(f"[yellow]no complete checkpoint in {self.run_dir}; starting from step 0[/yellow]")
         accelerator.wait_for_everyone()
 
-        collator = VLMCollator(loaded.processor, loaded.dataset.vocabs, mode="train", max_length=cfg.data.max_length)
+        collator = VLMCollator(loaded.processor, loaded.dataset.vocabs, mode="train", max_length=cfg.data.max_length,
+                               task_labels=_task_label_classes(cfg, loaded))
         ds, idx_map = loaded.dataset, loaded.indices
 
         def get_batch(k: int) -> tuple[int, dict]:
@@ -634,6 +635,17 @@ def _check_same_config(cfg: TrainConfig, saved: Path) -> None:
             f"--resume: the config differs from the checkpoint's ({saved}) at {', '.join(diffs)}; "
             "resume with the same settings or start a new --output-dir"
         )
+
+
+def _task_label_classes(cfg: TrainConfig, loaded: "_Loaded") -> Optional[list[str]]:
+    """Task-label classes (records' ``label``) for ``fairness.mi_conditional``; None when it is off."""
+    if cfg.method != "fairllava" or not cfg.fairness.get("mi_conditional", False):
+        return None
+    recs = [loaded.dataset.records[i] for i in loaded.indices] + (loaded.val.records if loaded.val is not None else [])
+    classes = sorted({str(r["label"]) for r in recs if r.get("label") is not None})
+    if not classes:
+        raise FairllavaError(f"{cfg.data.train}: fairness.mi_conditional needs a 'label' field in the records; none has one")
+    return classes
 
 
 def _counts(values: list[int], k: int) -> list[int]:
