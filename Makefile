@@ -35,3 +35,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Re-run the default demo and write its results table into README.md (between the demo-results markers).
+results: $(STAMP)
+	$(VENV)/bin/fairllava demo --out demo_out --update-readme README.md $(DEMO_ARGS)

@@ -250,6 +250,10 @@ class FairLLaVAMethod(Method):
         )
         return self.dac_optimizer
 
+    def _labels(self, batch) -> dict:
+        """Only the regularised attributes: the data may carry more (e.g. for evaluation or resampling)."""
+        return {a: batch["attr_labels"][a] for a in self.regularizer.cfg.attribute_names}
+
     def compute(self, logits, hidden, batch, progress, step):
         lm, logs = self.lm_loss(logits, batch)
         assert self._indices is not None, "hidden_indices() must be called before compute()"
@@ -257,7 +261,7 @@ class FairLLaVAMethod(Method):
         reg = self.regularizer
         mask = reg.select_tokens(batch["attention_mask"], batch["image_mask"])
         if self.update_mode == "joint":
-            out = reg(hidden_states=states, token_mask=mask, labels=batch["attr_labels"], step=step,
+            out = reg(hidden_states=states, token_mask=mask, labels=self._labels(batch), step=step,
                       strata=batch.get("task_labels"))
             logs.update({k: float(v) for k, v in out["logs"].items()})
             logs["fair_loss"] = _f(out["loss"])
@@ -271,7 +275,7 @@ class FairLLaVAMethod(Method):
         if self.dac_optimizer is None:
             raise RuntimeError("alternating mode: make_dac_optimizer() was not called")
         z, rows = out.aux["z"], out.aux["rows"]
-        labels = batch["attr_labels"]
+        labels = self._labels(batch)
         dac = self.regularizer.dac_update(z.detach(), labels, self.dac_optimizer, self.n_dac_steps, row_index=rows)
         pen = self.regularizer.penalty(z, labels, step=step, row_index=rows, strata=batch.get("task_labels"))
         logs = dict(out.logs)
