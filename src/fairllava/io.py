@@ -89,25 +89,30 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[di
 
 
 def iter_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterator[dict]:
+    required = tuple(required)
+    for lineno, row in enumerate_jsonl(path):
+        if not isinstance(row, dict):
+            raise FairllavaError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            rid = row.get("id", "?")
+            raise FairllavaError(f"{path}:{lineno} (id={rid}): missing field(s) {', '.join(missing)}")
+        yield row
+
+
+def enumerate_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for every non-blank line; invalid JSON raises ``file:line``."""
     path = Path(path)
     if not path.is_file():
         raise FairllavaError(f"{path}: file not found")
-    required = tuple(required)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise FairllavaError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise FairllavaError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                rid = row.get("id", "?")
-                raise FairllavaError(f"{path}:{lineno} (id={rid}): missing field(s) {', '.join(missing)}")
-            yield row
 
 
 def _json_default(o: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from torch.utils.data import Dataset
 
 from ..errors import FairllavaError
-from ..io import iter_jsonl
+from ..io import enumerate_jsonl, iter_jsonl
 from .attributes import AttributeVocab
 from .schema import check_record, locate
 
@@ -124,25 +124,8 @@ class VLMDataset(Dataset):
 
 
 def _located_rows(path: Path):
-    for lineno, rec in _enumerate_jsonl(path):
+    for lineno, rec in enumerate_jsonl(path):
         yield f"{path}:{lineno}", rec
-
-
-def _enumerate_jsonl(path: Path):
-    """Like :func:`fairllava.io.iter_jsonl` but also yields the line number for later messages."""
-    if not path.is_file():
-        raise FairllavaError(f"{path}: file not found")
-    import json
-
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FairllavaError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            yield lineno, row
 
 
 __all__ = ["VLMDataset", "resolve_image_path", "load_image", "iter_jsonl"]
