@@ -14,15 +14,6 @@ from fairllava.models.loading import image_token_id, load_vlm
 from fairllava.models.tiny import build_tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny-model ops are dominated by per-op overhead; one thread avoids spin-waiting on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _make_clip(folder, seed):
     from transformers import CLIPConfig, CLIPModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil

@@ -1,7 +1,6 @@
 """The demo end to end on the smoke preset (tiny random VLM): numbers come from the run, and runs repeat exactly."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 

@@ -31,15 +31,6 @@ from fairllava.models.loading import (
 from fairllava.models.tiny import build_tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny-model ops are dominated by per-op overhead; one thread avoids spin-waiting on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny_embedded(image_size=64, seed=0):
     tok = build_tiny_tokenizer()
     text = dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,

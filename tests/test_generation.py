@@ -21,15 +21,6 @@ from fairllava.models.tiny import build_tiny_llava, save_tiny_llava
 N = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny-model decoding is dominated by per-op overhead; one thread avoids spin-waiting on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")

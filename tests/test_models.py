@@ -20,15 +20,6 @@ from fairllava.models.loading import (
 from fairllava.models.tiny import build_tiny_llava, save_tiny_llava
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny-model ops are dominated by per-op overhead; one thread avoids spin-waiting on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(processor, n=2, seed=0):
     rng = np.random.RandomState(seed)
     images = [Image.fromarray((rng.rand(40 + 3 * i, 36, 3) * 255).astype("uint8")) for i in range(n)]

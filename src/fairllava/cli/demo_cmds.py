@@ -84,7 +84,7 @@ def _register_demo() -> None:
         """Shortcut benchmark -> stage 1 -> vanilla LoRA vs FairLLaVA -> generate -> evaluate -> report."""
         from rich.table import Table
 
-        from ..demo import get_preset, run_demo, summary_markdown, update_readme as _update
+        from ..demo import get_preset, run_demo, update_readme as _update
 
         get_preset(preset)  # a clear error before any work
         res = run_demo(out, preset, seed=seed, log=lambda m: console.print(m, highlight=False))
