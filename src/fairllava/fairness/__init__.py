@@ -14,11 +14,11 @@ def write_evaluation(result, out_dir, overwrite: bool = False):
     return _w(result, out_dir, overwrite=overwrite)
 
 
-def write_comparison_report(results, pvalues, out_dir, overwrite: bool = False, meta=None):
+def write_comparison_report(results, pvalues, out_dir, overwrite: bool = False, meta=None, audit=None):
     """See :func:`fairllava.report.write_comparison_report`."""
     from ..report import write_comparison_report as _w
 
-    return _w(results, pvalues, out_dir, overwrite=overwrite, meta=meta)
+    return _w(results, pvalues, out_dir, overwrite=overwrite, meta=meta, audit=audit)
 
 
 __all__ = [

@@ -138,6 +138,35 @@ def _fig_gap(results, a, names=None):
     return gap_es_bars(dict(zip(names, results)), a, _primary(results[0].metrics))
 
 
+def audit_blocks(audit: dict) -> list:
+    """The leakage-audit section (issue: an evaluation report shows it when an audit exists)."""
+    import tempfile
+
+    from ..audit.audit import plot_leakage
+
+    cfg = audit["config"]
+    blocks: list = [Heading("Leakage audit (linear probes on pooled hidden states)"),
+                    Para(f"{audit['n_samples']} samples, {cfg['probe']['folds']} patient-level folds; pooling "
+                         f"{cfg['features']['pooling']} over {cfg['features']['tokens']} tokens; balanced accuracy of a "
+                         "fresh linear probe per layer (chance dashed), 95% bootstrap CIs. Lower = less demographic "
+                         "information left in the representation.")]
+    for a, info in audit["attributes"].items():
+        rows = []
+        for name, m in audit["models"].items():
+            st = m["attributes"][a]
+            for r in st["per_layer"]:
+                ci = (r.get("ci") or {}).get("balanced_accuracy")
+                rows.append([name, r["layer"], fmt_ci(100 * r["balanced_accuracy"],
+                                                      [100 * ci[0], 100 * ci[1]] if ci else None),
+                             f"{r['mi']:.3f}"])
+        blocks += [Heading(f"Leakage: {a} (chance {100 * info['chance_balanced_accuracy']:.1f})", 3),
+                   Table(["model", "hidden-state index", "probe balanced acc.", "CLUB MI (nats)"], rows)]
+    with tempfile.TemporaryDirectory() as d:
+        plot_leakage(audit, Path(d) / "leakage.png")
+        blocks.append(Figure("leakage vs layer", (Path(d) / "leakage.png").read_bytes()))
+    return blocks
+
+
 def _write_files(r, folder: Path, title: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     umask = os.umask(0)
@@ -197,7 +226,7 @@ def comparison_blocks(results: dict, pvalues: list[dict], meta: dict | None = No
 
 
 def write_comparison_report(results: dict, pvalues: list[dict], out_dir, overwrite: bool = False,
-                            meta: dict | None = None, per_system: bool = True) -> Path:
+                            meta: dict | None = None, per_system: bool = True, audit: dict | None = None) -> Path:
     """One folder for several systems: ``report.md``, ``report.html``, ``pvalues.csv``, ``fairness.csv`` (with a
     ``system`` column), ``metrics.json`` and ``meta.json`` keyed by system; plus each system's full evaluation
     folder under ``<name>/`` when ``per_system``."""
@@ -218,6 +247,9 @@ def write_comparison_report(results: dict, pvalues: list[dict], out_dir, overwri
         (tmp / "meta.json").write_text(json.dumps({"comparison": meta or {}, "systems": {n: r.meta for n, r in results.items()}},
                                                   indent=2) + "\n", encoding="utf-8")
         blocks = comparison_blocks(results, pvalues, meta)
+        if audit is not None:
+            blocks += audit_blocks(audit)
+            (tmp / "audit.json").write_text(json.dumps(audit, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
         (tmp / "report.html").write_text(render_html(blocks, "Fairness comparison"), encoding="utf-8")
     return out
