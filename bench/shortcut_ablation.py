@@ -6,6 +6,7 @@ DAC diagnostics) are appended to ``OUT/ablation.csv``; the markdown table printe
 that CSV (docs/benchmark.md pastes it). Resumable: finished variants are skipped.
 
     python bench/shortcut_ablation.py --out runs/ablation [--only NAME ...]   # ~9 min per variant on 2 cores
+    python bench/shortcut_ablation.py --out runs/s0 --strength 0 --only lora  # the no-shortcut control
 """
 from __future__ import annotations
 
@@ -30,15 +31,19 @@ VARIANTS: dict[str, list[str] | None] = {
     "image0_token_cond": ["fairness.mi_conditional=true"],
     "text20_token_cond_mlp": ["fairness.mi_conditional=true", "fairness.mi_token_mode=text",
                               "fairness.mi_layer_index=20", "fairness.dac_hidden_size=128"],
-    "reference_defaults": ["fairness.mi_layer_index=null", "fairness.mi_pooling=random_token",
+    "image0_token_cond_mlp_lambda5": ["fairness.mi_conditional=true", "fairness.dac_hidden_size=256",
+                                      "fairness.fairness_lambda=5"],
+    "reference_defaults": ["fairness.mi_conditional=false", "fairness.mi_layer_index=null", "fairness.mi_pooling=random_token",
                            "fairness.mi_l2_normalize=null", "fairness.dac_lr=null"],
 }
 FIELDS = ["variant", "overrides", "overall", "dark", "light", "gap", "gap_ci_l", "gap_ci_h", "es",
           "final_mi", "final_dac_acc", "train_seconds"]
 
 
-def run_variant(name: str, overrides: list[str] | None, out: Path, seed: int = 0) -> dict:
+def run_variant(name: str, overrides: list[str] | None, out: Path, seed: int = 0, strength: float | None = None) -> dict:
     p = get_preset("default")
+    if strength is not None:
+        p.strength = strength
     data = out / "data"
     if not (data / "datacard.json").is_file():
         prepare_shortcut(p.task, data, seed=seed, strength=p.strength, n_train=p.n_train,
@@ -92,6 +97,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strength", type=float, default=None,
+                    help="shortcut strength S of the data (default: the demo's); e.g. 0 for the no-shortcut control")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     csv_path = a.out / "ablation.csv"
@@ -99,7 +106,7 @@ def main() -> None:
     for name, ov in VARIANTS.items():
         if (a.only and name not in a.only) or name in done:
             continue
-        row = run_variant(name, ov, a.out, a.seed)
+        row = run_variant(name, ov, a.out, a.seed, a.strength)
         rows = list(csv.DictReader(csv_path.open())) if csv_path.is_file() else []
         rows.append(row)
         lines = [",".join(FIELDS)] + [",".join(_csv(r.get(k)) for k in FIELDS) for r in rows]

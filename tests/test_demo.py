@@ -105,3 +105,13 @@ def test_summary_markdown_shape():
     md = summary_markdown(rows, [{"quantity": "gap", "p_one_sided": 0.01}], {"n_resamples": 1000})
     assert "| lora | 50.0 [40.0, 60.0] | 30.0 | 70.0 [60.0, 80.0] | 40.0 [20.0, 60.0] | 1.2 [0.8, 2.4] |" in md
     assert "p = 0.01" in md
+
+
+def test_verdict_is_computed_from_the_numbers():
+    from fairllava.demo import verdict
+
+    base = {"method": "lora", "overall": 70.0, "gap": 20.0}
+    better = {"method": "fairllava", "overall": 69.5, "gap": 5.0}
+    assert verdict([base, better], [{"quantity": "gap", "p_one_sided": 0.01}]).startswith("FairLLaVA reduced the gap")
+    assert "did not beat" in verdict([base, better], [{"quantity": "gap", "p_one_sided": 0.3}])
+    assert "-0.5 points" in verdict([base, better], [{"quantity": "gap", "p_one_sided": 0.3}])
