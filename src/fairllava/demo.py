@@ -77,7 +77,7 @@ PRESETS: dict[str, DemoPreset] = {
         stage2={"lr": 2e-4, "per_device_batch_size": 8, "max_steps": 100},
         fairness=_DEMO_FAIRNESS,
         audit_layers=[0, 5, 10, 15, 20, 25, 30],
-        est_minutes=15.0,
+        est_minutes=20.0,  # measured: 19.8 min on 2 cores (target was 15; see README)
     ),
     "smoke": DemoPreset(
         name="smoke",
@@ -174,7 +174,7 @@ def run_demo(out_dir: str | os.PathLike, preset: str | DemoPreset = "default", s
     t0 = time.perf_counter()
     settings = {"preset": asdict(p), "seed": seed}
     prev = out / "demo.json"
-    if prev.is_file() and json.loads(prev.read_text())["preset"] != settings["preset"]:
+    if prev.is_file() and _result_settings(json.loads(prev.read_text())["preset"]) != _result_settings(settings["preset"]):
         raise FairllavaError(f"{out}: holds a demo with other settings; use another --out or delete it")
     if prev.is_file() and json.loads(prev.read_text()).get("seed") != seed:
         raise FairllavaError(f"{out}: holds a demo with another seed; use another --out or delete it")
@@ -346,6 +346,11 @@ def machine_info() -> dict:
 
     return {"platform": platform.platform(terse=True), "python": platform.python_version(),
             "torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
+
+
+def _result_settings(preset: dict) -> dict:
+    """The preset fields that change results (the time estimate does not)."""
+    return {k: v for k, v in preset.items() if k != "est_minutes"}
 
 
 def _record_session(out: Path, seconds: float) -> list[float]:
