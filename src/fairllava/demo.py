@@ -77,7 +77,7 @@ PRESETS: dict[str, DemoPreset] = {
         stage2={"lr": 2e-4, "per_device_batch_size": 8, "max_steps": 100},
         fairness=_DEMO_FAIRNESS,
         audit_layers=[0, 5, 10, 15, 20, 25, 30],
-        est_minutes=20.0,  # measured: 19.8 min on 2 cores (target was 15; see README)
+        est_minutes=18.0,  # measured: 18.2 min on 2 cores (target was 15)
     ),
     "smoke": DemoPreset(
         name="smoke",
