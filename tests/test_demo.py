@@ -28,9 +28,14 @@ def test_report_numbers_are_recomputed_from_the_predictions(smoke_runs):
                                  seed=0, run="demo")
         assert row["overall"] == pytest.approx(r.overall["accuracy"], abs=1e-9)
         assert row["gap"] == pytest.approx(r.gap["race"]["accuracy"], abs=1e-9)
-        # every metric of the report (accuracy is 0 for a random tiny model; the answer-text metrics are not)
+        # every metric of the report equals the recomputation
         assert metrics[row["method"]]["overall"] == pytest.approx(r.overall, abs=1e-9)
-        assert any(v > 0 for v in r.overall.values())
+        # ...and the comparison is sensitive: a predictions file with one answer corrected scores differently
+        rows = [json.loads(x) for x in preds.read_text().splitlines()]
+        wrong = next(i for i, x in enumerate(rows) if x["prediction"].strip() != x["reference"].strip())
+        rows[wrong]["prediction"] = rows[wrong]["reference"]
+        tampered = evaluate_predictions(rows, task="vqa", labels=labels, n_boot=0, n_min=res.preset.n_min)
+        assert tampered.overall["accuracy"] != pytest.approx(metrics[row["method"]]["overall"]["accuracy"], abs=1e-9)
         for attr in r.gap:
             assert {k: v for k, v in metrics[row["method"]]["gap"][attr].items() if v is not None} == pytest.approx(
                 {k: v for k, v in r.gap[attr].items() if v is not None}, abs=1e-9)
