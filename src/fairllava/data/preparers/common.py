@@ -17,7 +17,7 @@ from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ...errors import FairllavaError
-from ...io import atomic_dir, atomic_write_json, stable_hash
+from ...io import atomic_dir, atomic_write_json, enumerate_jsonl, stable_hash
 from ..schema import check_record
 
 SPLITS = ("train", "val", "test")
@@ -244,7 +244,7 @@ def iter_json_records(path: str | os.PathLike, chunk_chars: int = 1 << 20) -> It
             raise FairllavaError(f"{p}: empty file")
         if buf.lstrip()[0] != "[":
             f.seek(0)
-            yield from _iter_jsonl_lines(p, f)
+            yield from enumerate_jsonl(p)
             return
         base_line = 0  # newlines in text already discarded from the buffer
         pos = buf.index("[") + 1
@@ -290,15 +290,6 @@ def iter_json_records(path: str | os.PathLike, chunk_chars: int = 1 << 20) -> It
                 base_line += buf.count("\n", 0, pos)
                 buf, pos = buf[pos:], 0
 
-
-def _iter_jsonl_lines(p: Path, f) -> Iterator[tuple[int, Any]]:
-    for lineno, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FairllavaError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
 
 
 
