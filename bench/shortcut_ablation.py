@@ -39,6 +39,19 @@ VARIANTS: dict[str, list[str] | None] = {
                                       "fairness.dac_lr=0.01", "fairness.dac_hidden_size=256",
                                       "fairness.fairness_lambda=5"],
     "reference_defaults": [],  # the demo's fairness block = the paper/reference estimator settings
+    # running standardisation of z before the DAC (mi_standardize): the reference's L2-normalised index-15 token
+    # left a linear DAC at chance on these states (bench/dac_learnability.py), so its penalty was ~0
+    "std_random15": ["fairness.mi_standardize=true", "fairness.mi_l2_normalize=false", "fairness.dac_lr=0.01"],
+    "std_token15": ["fairness.mi_standardize=true", "fairness.mi_pooling=token", "fairness.mi_l2_normalize=false",
+                    "fairness.dac_lr=0.01"],
+    "std_token0_cond": ["fairness.mi_standardize=true", "fairness.mi_layer_index=0", "fairness.mi_pooling=token",
+                        "fairness.mi_l2_normalize=false", "fairness.dac_lr=0.01", "fairness.mi_conditional=true"],
+    "std_token15_alt5": ["fairness.mi_standardize=true", "fairness.mi_pooling=token", "fairness.mi_l2_normalize=false",
+                         "fairness.dac_lr=0.01", "fairness.update_mode=alternating", "fairness.n_dac_steps=5"],
+    # the decision path: prompt + answer tokens at index 20, conditional on the lesion label
+    "std_text20_token_cond": ["fairness.mi_standardize=true", "fairness.mi_token_mode=text", "fairness.mi_layer_index=20",
+                              "fairness.mi_pooling=token", "fairness.mi_l2_normalize=false", "fairness.dac_lr=0.01",
+                              "fairness.mi_conditional=true"],
 }
 FIELDS = ["variant", "overrides", "overall", "dark", "light", "gap", "gap_ci_l", "gap_ci_h", "es",
           "final_mi", "final_dac_acc", "train_seconds"]

@@ -15,8 +15,9 @@ ATTRS = {"race": {"num_classes": 3, "weight": 0.5}, "sex": {"num_classes": 2, "w
 
 
 def make(**kw):
+    hidden_size = kw.pop("hidden_size", 8)
     cfg = FairnessConfig(attributes=kw.pop("attributes", ATTRS), **kw)
-    return FairnessRegularizer(cfg, hidden_size=kw.pop("hidden_size", 8) if "hidden_size" in kw else 8)
+    return FairnessRegularizer(cfg, hidden_size=hidden_size)
 
 
 def batch(b=6, t=5, d=8, seed=0):
@@ -65,6 +66,8 @@ def test_config_attribute_list_is_deduplicated():
     ({"mi_drop_bos_eos": "false"}, "mi_drop_bos_eos must be true or false"),
     ({"ignore_index": 0}, "ignore_index must be negative"),
     ({"dac_class_counts": {"sex": [1, 2, 3]}}, "dac_class_counts.sex: expected a list of 2 counts"),
+    ({"mi_standardize": 1}, "mi_standardize must be true or false"),
+    ({"mi_standardize_momentum": 0.0}, r"mi_standardize_momentum must be in \(0, 1\]"),
 ])
 def test_config_bad_values(kw, match):
     with pytest.raises(FairllavaError, match=match):
@@ -516,3 +519,63 @@ def test_conditional_mode_needs_and_uses_strata():
     from fairllava import club_mi
     ref = club_mi(reg.heads["race"](z), labels["race"], strata=torch.tensor([0, 0, 0, 1, 1, -100]))
     assert abs(out["logs"]["mi/race"] - float(ref)) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------- standardisation
+def _outlier_features(n, seed, d=32):
+    """LM-like states: two huge outlier dimensions, the attribute in one small dimension."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, 2, (n,), generator=g)
+    z = torch.randn(n, d, generator=g)
+    z[:, 0] = 300.0 + 40.0 * torch.randn(n, generator=g)
+    z[:, 1] = -150.0 + 25.0 * torch.randn(n, generator=g)
+    z[:, 5] += 1.5 * (2 * a - 1)
+    return z, a
+
+
+def test_standardize_tracks_moments_and_passes_gradient_only_to_z():
+    reg = make(attributes={"sex": 2}, hidden_size=32, mi_standardize=True, mi_pooling="token",
+               mi_l2_normalize=False, mi_standardize_momentum=0.1)
+    assert {"z_mean", "z_var", "z_batches"} <= set(reg.state_dict())
+    z_all, a_all = _outlier_features(4000, 0)
+    for i in range(0, 4000, 100):
+        h = z_all[i:i + 100, None, :].requires_grad_()
+        out = reg([h], torch.ones(100, 1, dtype=torch.bool), {"sex": a_all[i:i + 100]})
+    assert int(reg.z_batches) == 40
+    assert torch.allclose(reg.z_mean, z_all.mean(0), atol=6.0)  # EMA of a noisy 100-row mean (scale 300)
+    assert abs(float(reg.z_mean[0]) - 300.0) < 10 and abs(float(reg.z_var[0]).__pow__(0.5) - 40.0) < 8
+    out["loss"].backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+    assert not reg.z_mean.requires_grad and reg.z_mean.grad is None
+    # eval mode and the penalty never update the statistics
+    reg.eval()
+    before = reg.z_mean.clone()
+    reg([z_all[:50, None, :]], torch.ones(50, 1, dtype=torch.bool), {"sex": a_all[:50]})
+    assert torch.equal(before, reg.z_mean)
+    # the buffers round-trip through a state dict, also under a DDP prefix
+    other = make(attributes={"sex": 2}, hidden_size=32, mi_standardize=True)
+    other.load_state_dict({"module." + k: v for k, v in reg.state_dict().items()})
+    assert torch.equal(other.z_var, reg.z_var) and int(other.z_batches) == 40
+
+
+def test_standardize_lets_the_dac_learn_on_outlier_states():
+    """Why mi_standardize exists: on states with huge outlier dimensions a linear DAC stays at chance in a short run
+    when z is L2-normalised and learns less raw than standardised (balanced accuracy on fresh data; the same
+    ordering as on the embedded model's states, docs/benchmark.md)."""
+    z_te, a_te = _outlier_features(2000, 99)
+    accs = {}
+    for name, kw in {"l2": {"mi_l2_normalize": True}, "raw": {"mi_l2_normalize": False},
+                     "standardized": {"mi_l2_normalize": False, "mi_standardize": True}}.items():
+        torch.manual_seed(0)
+        reg = make(attributes={"sex": 2}, hidden_size=32, mi_pooling="token", update_mode="alternating", **kw)
+        opt = torch.optim.AdamW(reg.param_groups(1e-2), weight_decay=0.0)
+        for step in range(100):
+            z, a = _outlier_features(16, step)
+            reg.dac_update(z, {"sex": a}, opt)
+        reg.eval()
+        with torch.no_grad():
+            zt = F.normalize(z_te, dim=-1) if kw["mi_l2_normalize"] else z_te
+            pred = reg.heads["sex"](reg.standardize(zt)).argmax(-1)
+        accs[name] = float(torch.stack([(pred[a_te == c] == c).float().mean() for c in (0, 1)]).mean())
+    assert accs["standardized"] > 0.85, accs
+    assert accs["l2"] < 0.6 and accs["raw"] < accs["standardized"], accs

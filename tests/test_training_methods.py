@@ -160,3 +160,78 @@ def test_optimizer_param_groups_give_heads_their_own_lr():
     alt = FairnessRegularizer({"attributes": {"sex": 2}, "update_mode": "alternating"}, hidden_size=8)
     opt = build_optimizer(model, FairLLaVAMethod(alt, alt.cfg), OptimConfig(lr=1e-4))
     assert len(opt.param_groups) == 1  # alternating: heads have their own optimizer
+
+
+def _tiny_batch():
+    from fairllava.data.collator import VLMCollator
+    from fairllava.models.tiny import build_tiny_llava
+    from PIL import Image
+
+    model, proc = build_tiny_llava(seed=0)
+    col = VLMCollator(proc, {}, "train")
+    img = Image.new("RGB", (32, 32), (120, 60, 30))
+    items = [{"id": f"s{i}", "image": img, "conversations": [
+        {"from": "human", "value": "<image>\n" + "describe it " * (i + 1)},
+        {"from": "gpt", "value": "a finding " * (3 - i)}]} for i in range(3)]
+    return model, col(items)
+
+
+@pytest.mark.parametrize("method", ["lora", "reweight"])
+def test_compact_logits_give_the_same_loss_and_gradients(method):
+    """Logits only at target positions (lm_forward(compact=True)) change nothing the loss or the update sees."""
+    from fairllava.training.methods import LoraMethod
+    from fairllava.training.trainer import _BATCH_META, TrainingModule, accepts_logits_to_keep
+
+    model, batch = _tiny_batch()
+    assert accepts_logits_to_keep(model)
+    lengths = (batch["labels"] != -100).sum(1)
+    assert len(set(lengths.tolist())) > 1  # answers of different lengths at different positions
+    m = LoraMethod() if method == "lora" else ReweightMethod({"s0": 0.5, "s1": 2.0, "s2": 1.0})
+    results = []
+    for compact in (False, True):
+        module = TrainingModule(model, m, [], compact_logits=compact)
+        assert module.compact_logits is compact
+        model.zero_grad()
+        loss, logs, _ = module(batch, 0.0, 0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-6) and g0.keys() == g1.keys() and g0
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-6), n
+    # the compact forward really computes fewer logits
+    inputs = {k: v for k, v in batch.items() if k not in _BATCH_META}
+    from fairllava.training.trainer import lm_forward
+    out, lab = lm_forward(model, inputs, batch["labels"], compact=True)
+    assert out.logits.shape[1] == lab.shape[1] < batch["labels"].shape[1]
+
+
+def test_compact_labels_alignment():
+    from fairllava.training.methods import compact_labels, target_logit_positions
+
+    labels = torch.tensor([[-100, -100, -100, 7, 8, -100],
+                           [-100, -100, 5, 6, -100, -100]])
+    pos = target_logit_positions(labels)
+    assert pos.tolist() == [1, 2, 3, 5]  # positions followed by a target in some row, then the last
+    lab = compact_labels(labels, pos)
+    # after the shift, kept logit j pairs with labels[:, pos[j] + 1]
+    assert lab[:, 1:].tolist() == [[-100, 7, 8], [5, 6, -100]]
+    none = torch.full((2, 4), -100)
+    assert target_logit_positions(none).tolist() == [3]
+    assert compact_labels(none, target_logit_positions(none)).tolist() == [[-100], [-100]]
+
+
+def test_models_without_logits_to_keep_get_full_logits():
+    from fairllava.training.methods import LoraMethod
+    from fairllava.training.trainer import TrainingModule
+
+    class NoKeep(torch.nn.Module):
+        def forward(self, input_ids=None, use_cache=None):
+            return types.SimpleNamespace(logits=torch.zeros(*input_ids.shape, 5, requires_grad=True))
+
+    module = TrainingModule(NoKeep(), LoraMethod(), [], compact_logits=True)
+    assert module.compact_logits is False
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.tensor([[-100, -100, 1, 2]] * 2)}
+    loss, _, _ = module(batch, 0.0, 0)
+    assert torch.isclose(loss, torch.log(torch.tensor(5.0)))

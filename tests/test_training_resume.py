@@ -54,13 +54,20 @@ def _losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["lm_loss"], r["fair_loss"]) for r in rows]
 
 
-def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
+# alternating: the heads and their optimizer live outside the wrapped model; mi_standardize adds running buffers
+ALTERNATING_SETS = ["fairness.update_mode=alternating", "fairness.n_dac_steps=2", "fairness.mi_standardize=true",
+                    "fairness.mi_l2_normalize=false"]
+
+
+@pytest.mark.parametrize("extra", [[], ALTERNATING_SETS], ids=["joint", "alternating_standardized"])
+def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path, extra):
     cmd = [sys.executable, "-m", "fairllava"]
+    sets = RESUME_SETS + extra
     ref = tmp_path / "ref"
-    subprocess.run(cmd + _args(data, ref, *RESUME_SETS), env=_env(), check=True, capture_output=True, timeout=600)
+    subprocess.run(cmd + _args(data, ref, *sets), env=_env(), check=True, capture_output=True, timeout=600)
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + _args(data, run, *RESUME_SETS), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd + _args(data, run, *sets), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 600  # a bound for a loaded machine, not a speed target
     try:
@@ -76,11 +83,13 @@ def test_sigkill_then_resume_equals_uninterrupted(data, tmp_path):
     steps_done = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*"))
     assert steps_done < 12
 
-    res = subprocess.run(cmd + _args(data, run, *RESUME_SETS) + ["--resume"], env=_env(), capture_output=True,
+    res = subprocess.run(cmd + _args(data, run, *sets) + ["--resume"], env=_env(), capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     a, b = _tensors(ref), _tensors(run)
     assert a.keys() == b.keys()
+    if extra:
+        assert "heads.safetensors:z_mean" in a and int(a["heads.safetensors:z_batches"]) == 12
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     assert _losses(ref) == _losses(run)  # same data order, same dropout/token draws

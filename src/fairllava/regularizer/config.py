@@ -129,6 +129,8 @@ class FairnessConfig:
     mi_pooling: str = "random_token"    # random_token | masked_mean | token (every selected token is a sample)
     mi_max_tokens_per_sample: int | None = None  # cap for token pooling (random subsample, seeded)
     mi_l2_normalize: bool | None = None  # None = auto: True for random_token, False otherwise
+    mi_standardize: bool = False        # [ours] per-dimension running standardisation of z before the heads
+    mi_standardize_momentum: float = 0.05  # EMA weight of each new batch's moments (the first batches average)
     dac_hidden_size: int | None = None  # None = Linear(D, K) (reference); int = Linear-ReLU-Linear MLP
     dac_lr: float | None = None         # None = the trainer's lr (reference); measured: a higher lr helps
     dac_loss: str = "ce"                # ce | focal | balanced | logit_adjusted
@@ -184,6 +186,11 @@ class FairnessConfig:
             if self.dac_lr <= 0:
                 raise FairllavaError(f"dac_lr must be > 0 (or null to use the trainer lr), got {self.dac_lr!r}")
             self.dac_lr = float(self.dac_lr)
+        if not isinstance(self.mi_standardize, bool):
+            raise FairllavaError(f"mi_standardize must be true or false, got {self.mi_standardize!r}")
+        _number("mi_standardize_momentum", self.mi_standardize_momentum, lo=0.0, hi=1.0)
+        if self.mi_standardize_momentum <= 0:
+            raise FairllavaError(f"mi_standardize_momentum must be in (0, 1], got {self.mi_standardize_momentum!r}")
         _number("dac_focal_gamma", self.dac_focal_gamma, lo=0.0)
         _number("dac_balanced_beta", self.dac_balanced_beta, lo=0.0)
         if not self.dac_balanced_beta < 1.0:

@@ -28,6 +28,7 @@ from .pooling import select_tokens as _select_tokens
 
 _PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")
 _HEADS = re.compile(r"(?:^|\.)heads\.")
+_STATS = ("z_mean", "z_var", "z_batches")  # running standardisation buffers (mi_standardize)
 
 
 class FairnessRegularizer(nn.Module):
@@ -54,6 +55,13 @@ class FairnessRegularizer(nn.Module):
             {name: build_head(hidden_size, spec.num_classes, cfg.dac_hidden_size) for name, spec in cfg.attributes.items()}
         )
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        if cfg.mi_standardize:
+            # Why: mid-layer LM states have a few huge outlier dimensions; raw or L2-normalised, they leave a linear
+            # DAC at chance for a whole short run (docs/benchmark.md), so the penalty is ~0 whatever lambda is.
+            # A fixed (no-gradient) affine map keeps every direction, norm included, and conditions the heads.
+            self.register_buffer("z_mean", torch.zeros(hidden_size))
+            self.register_buffer("z_var", torch.ones(hidden_size))
+            self.register_buffer("z_batches", torch.zeros((), dtype=torch.long))
         self._class_counts: dict[str, torch.Tensor] = {}
         if cfg.dac_class_counts:
             self.set_class_counts(cfg.dac_class_counts)
@@ -125,6 +133,9 @@ class FairnessRegularizer(nn.Module):
         fixed = {}
         for k, v in state_dict.items():
             k = _PREFIX.sub("", k)
+            if k.rsplit(".", 1)[-1] in _STATS:
+                fixed[k.rsplit(".", 1)[-1]] = v
+                continue
             m = _HEADS.search(k)
             k = "heads." + k[m.end():] if m else "heads." + k
             fixed[k] = v
@@ -185,9 +196,28 @@ class FairnessRegularizer(nn.Module):
             self._auto_step += 1
         return step
 
+    # ------------------------------------------------------------------ standardisation
+    @torch.no_grad()
+    def observe(self, z: torch.Tensor) -> None:
+        """Fold a batch's per-dimension moments into the running statistics (training mode, mi_standardize)."""
+        if not self.cfg.mi_standardize or not self.training or z.shape[0] == 0:
+            return
+        z = z.detach().float()
+        n = int(self.z_batches)
+        w = max(1.0 / (n + 1), self.cfg.mi_standardize_momentum)
+        self.z_mean.lerp_(z.mean(dim=0).to(self.z_mean), w)
+        self.z_var.lerp_(z.var(dim=0, unbiased=False).to(self.z_var), w)
+        self.z_batches += 1
+
+    def standardize(self, z: torch.Tensor) -> torch.Tensor:
+        """``(z - mean) / sqrt(var + 1e-5)`` with the running statistics (identity when mi_standardize is off)."""
+        if not self.cfg.mi_standardize:
+            return z
+        return (z - self.z_mean.to(z)) * torch.rsqrt(self.z_var.to(z) + 1e-5)
+
     # ------------------------------------------------------------------ terms
     def _head_input(self, name: str, z: torch.Tensor) -> torch.Tensor:
-        return z.to(next(self.heads[name].parameters()).dtype)
+        return self.standardize(z).to(next(self.heads[name].parameters()).dtype)
 
     def _dac_terms(self, z: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """DAC loss on detached z (reaches the heads only) and its diagnostics."""
@@ -259,6 +289,7 @@ class FairnessRegularizer(nn.Module):
         y = self._row_labels(labels, token_mask.shape[0], rows, z.device)
         s = self._row_strata(strata, token_mask.shape[0], rows, z.device)
         z, y, s = self._gather(z, y, s)
+        self.observe(z)
         dac_total, dac_stats = self._dac_terms(z, y)
         dim_total, dim_stats = self._dim_terms(z, y, s)
         w = self.penalty_weight(step)
@@ -296,6 +327,7 @@ class FairnessRegularizer(nn.Module):
         n_rows = z.shape[0] if row_index is None else _n_samples(labels)
         y = self._row_labels(labels, n_rows, row_index, z.device)
         z, y, _ = self._gather(z, y)
+        self.observe(z)
         first_stats: dict[str, torch.Tensor] = {}
         with torch.enable_grad():
             for i in range(n_steps):

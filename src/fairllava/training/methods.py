@@ -100,6 +100,25 @@ def token_mean_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     )
 
 
+def target_logit_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose logits the causal-LM loss reads (a target follows in some row), plus the last.
+
+    Why: with a 49k-token vocabulary and answers of a few tokens, the LM head over every position is about a
+    fifth of a training step (bench/bench_training_step.py); the loss only reads positions followed by a
+    target. The last position is a harmless filler that keeps the usual shift-by-one alignment
+    (:func:`compact_labels`).
+    """
+    need = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    last = torch.tensor([labels.shape[1] - 1], dtype=need.dtype, device=labels.device)
+    return torch.cat([need, last])
+
+
+def compact_labels(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Labels for logits kept at ``positions``: the loss's shift then pairs logits[p] with labels[p + 1]."""
+    pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
+    return torch.cat([pad, labels[:, positions[:-1] + 1]], dim=1)
+
+
 # ----------------------------------------------------------------------------- discriminator
 class DACMLP(nn.Module):
     """Adversarial discriminator for one attribute (reference ``DACMLP``, METHOD.md §10).
@@ -375,6 +394,7 @@ def label_counts(values: list[int], num_classes: int) -> torch.Tensor:
 
 __all__ = [
     "GradientReversal", "grad_reverse", "LinearRampSchedule", "per_sample_lm_loss", "token_mean_lm_loss",
+    "target_logit_positions", "compact_labels",
     "DACMLP", "masked_mean", "StepOutput", "Method", "LoraMethod", "ResampleMethod",
     "ReweightMethod", "FairLLaVAMethod", "AdversarialMethod", "label_counts",
 ]

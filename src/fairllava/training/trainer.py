@@ -14,6 +14,7 @@ would step it once per process) but checkpointed as a registered object.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import platform
@@ -33,7 +34,7 @@ from .config import TrainConfig, save_config
 from .logging import MetricsLogger, Progress
 from .methods import (
     AdversarialMethod, FairLLaVAMethod, LoraMethod, Method, ResampleMethod, ReweightMethod, StepOutput,
-    per_sample_lm_loss,
+    compact_labels, per_sample_lm_loss, target_logit_positions,
 )
 
 _BATCH_META = ("labels", "image_mask", "attr_labels", "ids", "references", "weight", "weights", "task_labels")
@@ -107,15 +108,38 @@ def _find_generators(*modules: Optional[nn.Module]) -> dict[str, torch.Generator
 
 
 # ----------------------------------------------------------------------------- the wrapped forward
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the (unwrapped) model's forward takes ``logits_to_keep`` (HF causal LMs and VLMs do)."""
+    from ..models.loading import unwrap_model
+
+    try:
+        return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def lm_forward(model: nn.Module, inputs: dict, labels: Optional[torch.Tensor], compact: bool):
+    """``(output, labels)``; with ``compact`` the LM head runs only where the loss reads it.
+
+    The returned labels are aligned with ``output.logits`` so the LM losses apply unchanged (their usual
+    shift-by-one); without ``compact`` they are the input labels.
+    """
+    if compact and labels is not None:
+        keep = target_logit_positions(labels)
+        return model(**inputs, use_cache=False, logits_to_keep=keep), compact_labels(labels, keep)
+    return model(**inputs, use_cache=False), labels
+
+
 class TrainingModule(nn.Module):
     """Model + method extras in one module, so DDP/FSDP wrap and synchronise them together."""
 
-    def __init__(self, model: nn.Module, method: Method, indices: list[int]) -> None:
+    def __init__(self, model: nn.Module, method: Method, indices: list[int], compact_logits: bool = False) -> None:
         super().__init__()
         self.model = model
         self.extras = method.module if method.module is not None else nn.Module()
         self._method = [method]  # not a submodule (alternating heads must stay outside DDP)
         self.indices = list(indices)
+        self.compact_logits = bool(compact_logits) and accepts_logits_to_keep(model)
 
     def forward(self, batch: dict, progress: float, step: int, pretrain: bool = False):
         from ..models.hidden_states import HiddenStateCapture
@@ -124,14 +148,17 @@ class TrainingModule(nn.Module):
         inputs = {k: v for k, v in batch.items() if k not in _BATCH_META and isinstance(v, torch.Tensor)}
         ctx_grad = torch.no_grad() if pretrain else contextlib.nullcontext()
         ctx_lora = self.model.disable_adapter() if pretrain and hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+        compact = self.compact_logits and not pretrain
         hidden: dict[int, torch.Tensor] = {}
         with ctx_grad, ctx_lora:
             if self.indices:
                 with HiddenStateCapture(self.model, self.indices) as cap:
-                    out = self.model(**inputs, use_cache=False)
+                    out, labels = lm_forward(self.model, inputs, batch.get("labels"), compact)
                 hidden = dict(cap.states)
             else:
-                out = self.model(**inputs, use_cache=False)
+                out, labels = lm_forward(self.model, inputs, batch.get("labels"), compact)
+        if labels is not batch.get("labels"):
+            batch = {**batch, "labels": labels}
         res = method.compute(out.logits, hidden, batch, progress, step)
         return res.loss, res.logs, res.aux
 
@@ -442,7 +469,7 @@ class FairTrainer:
         optimizer = build_optimizer(model, method, o)
         scheduler = get_scheduler(o.scheduler if o.scheduler != "constant" else "constant_with_warmup", optimizer,
                                   num_warmup_steps=int(round(o.warmup_ratio * total)), num_training_steps=total)
-        module = TrainingModule(model, method, loaded.hidden_indices)
+        module = TrainingModule(model, method, loaded.hidden_indices, compact_logits=cfg.model.compact_logits)
         module, optimizer = accelerator.prepare(module, optimizer)
         extra_opt = None
         if isinstance(method, FairLLaVAMethod) and method.update_mode == "alternating":
@@ -456,6 +483,10 @@ class FairTrainer:
         for opt in (extra_opt, pre_opt):
             if opt is not None:
                 accelerator.register_for_checkpointing(opt)
+        if isinstance(method, FairLLaVAMethod):
+            # Heads outside the wrapped module (alternating) and running statistics (mi_standardize) are not
+            # trainable parameters of the model, so the save hook does not see them: checkpoint the whole regulariser.
+            accelerator.register_for_checkpointing(method.regularizer)
         self._install_hooks(accelerator)
 
         main = accelerator.is_main_process
@@ -570,8 +601,9 @@ class FairTrainer:
             for i in range(0, len(mine), bs):
                 batch = _to_device(collator([val[j] for j in mine[i:i + bs]]), accelerator.device)
                 inputs = {k: v for k, v in batch.items() if k not in _BATCH_META and isinstance(v, torch.Tensor)}
-                logits = model(**inputs, use_cache=False).logits
-                per, n = per_sample_lm_loss(logits, batch["labels"])
+                out, labels = lm_forward(model, inputs, batch["labels"], self.cfg.model.compact_logits
+                                         and accepts_logits_to_keep(model))
+                per, n = per_sample_lm_loss(out.logits, labels)
                 tot += torch.stack([(per * n).sum(), n.sum()]).double().cpu()
         model.train(was_training)
         if world > 1:
