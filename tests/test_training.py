@@ -257,3 +257,19 @@ def trainer_processor(data: Path):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(str(data / "model"))
+
+
+def test_system_prompt_reaches_the_training_prompts(data, tmp_path):
+    """data.system_prompt changes what the model is trained on (first-step loss); the same prompt reproduces it."""
+    def first_loss(name, *extra):
+        out = tmp_path / name
+        cfg = load_config(None, overrides(data, out, "method=lora", "optim.max_steps=1", "logging.every_n_steps=1",
+                                          *extra), preset_name="cpu")
+        FairTrainer(cfg).train()
+        return read_metrics(out)[0]["lm_loss"]
+
+    default = first_loss("default")
+    custom = first_loss("custom", "data.system_prompt=Be brief.")
+    again = first_loss("again", "data.system_prompt=Be brief.")
+    assert custom == again
+    assert custom != default

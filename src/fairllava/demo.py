@@ -45,7 +45,7 @@ class DemoPreset:
     n_min: int = 20
     audit_layers: Optional[list] = None  # hidden-state indices probed by the leakage audit (None = all)
     est_minutes: float = 15.0
-    system_prompt: Optional[str] = None  # None = the chat template's default (training uses the same)
+    system_prompt: Optional[str] = None  # None = the chat template's default; training, generation and audit share it
 
 
 # The fairness block the demo uses: the paper/reference method (METHOD.md §4–6, the `mimic_cxr` preset's
@@ -78,8 +78,6 @@ PRESETS: dict[str, DemoPreset] = {
         fairness=_DEMO_FAIRNESS,
         audit_layers=[0, 5, 10, 15, 20, 25, 30],
         est_minutes=15.0,
-        # A one-line system prompt instead of SmolLM2's default one: 9 fewer tokens per sequence (~13% of a step).
-        system_prompt="You are a dermatology assistant.",
     ),
     "smoke": DemoPreset(
         name="smoke",
@@ -140,7 +138,7 @@ def _train_config(preset: DemoPreset, base: Path, data: Path, run_dir: Path, sta
     cfg: dict[str, Any] = {
         "model": {"path": str(base), "dtype": "float32", "projector_path": str(projector) if projector else None},
         "data": {"train": str(data / "train.jsonl"), "image_root": str(data / "images"),
-                 "attributes": VOCAB_CONFIG, "max_length": 512},
+                 "attributes": VOCAB_CONFIG, "max_length": 512, "system_prompt": preset.system_prompt},
         "output_dir": str(run_dir),
         "stage": stage,
         "method": method,
@@ -250,7 +248,8 @@ def _audit(p: DemoPreset, base: Path, data: Path, out: Path, seed: int, progress
     tokens = p.fairness.get("mi_token_mode", "image")
     cfg = AuditConfig(attributes=[SHORTCUT_ATTRIBUTE],
                       features=FeatureConfig(layers=p.audit_layers or "all", tokens=tokens, pooling="masked_mean",
-                                             batch_size=p.gen_batch_size, seed=seed),
+                                             batch_size=p.gen_batch_size, seed=seed,
+                                             system_prompt=p.system_prompt),
                       probe=ProbeConfig(folds=5, seed=seed, n_boot=p.n_boot))
     models = {m: (lambda m=m: load_vlm(base, dtype="float32", adapter=out / m)) for m in DEMO_METHODS}
     return run_audit(models, read_jsonl(data / "test.jsonl"), data / "images", audit_dir, cfg,

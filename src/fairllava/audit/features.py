@@ -39,6 +39,7 @@ class FeatureConfig:
     seed: int = 0
     max_length: int = 2048
     include_answer: bool = False  # False: prompt only, as at inference; True: teacher-forced answer too
+    system_prompt: str | None = None  # chat-template system turn (None = template default); use the training one
 
     def validate(self) -> None:
         if self.tokens not in TOKEN_MODES:
@@ -181,7 +182,7 @@ def extract_features(model, processor, records: Sequence[dict], image_root: str 
 
     dataset = VLMDataset(list(records), image_root, vocabs=vocabs or {})
     collator = VLMCollator(processor, vocabs=vocabs or {}, mode="train" if cfg.include_answer else "generate",
-                           max_length=cfg.max_length)
+                           max_length=cfg.max_length, system_prompt=cfg.system_prompt)
     n_batches = (len(ids) + cfg.batch_size - 1) // cfg.batch_size
     device = next(model.parameters()).device
     was_training = model.training

@@ -52,6 +52,9 @@ def audit_cmd(
     pooling: str = typer.Option("masked_mean", "--pooling", help="masked_mean | random_token"),
     include_answer: bool = typer.Option(False, "--include-answer/--prompt-only",
                                         help="Teacher-force the reference answer (text tokens then include it)."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt",
+                                                help="Chat-template system turn the models were trained with "
+                                                     "(default: the template's own)."),
     folds: int = typer.Option(5, "--folds"),
     seed: int = typer.Option(0, "--seed"),
     n_boot: int = typer.Option(1000, "--n-boot"),
@@ -82,7 +85,8 @@ def audit_cmd(
     try:
         cfg = AuditConfig(attributes=attrs,
                           features=FeatureConfig(layers=parse_layers(layers), tokens=tokens, pooling=pooling,
-                                                 batch_size=batch_size, seed=seed, include_answer=include_answer),
+                                                 batch_size=batch_size, seed=seed, include_answer=include_answer,
+                                                 system_prompt=system_prompt),
                           probe=ProbeConfig(folds=folds, seed=seed, C=c, n_boot=n_boot))
         cfg.validate()
     except ValueError as e:

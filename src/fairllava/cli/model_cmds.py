@@ -28,6 +28,9 @@ def generate(
     dtype: str = _dtype_option(),
     device: Optional[str] = typer.Option(None, "--device", help="torch device, e.g. cuda:0 (default: cpu)."),
     no_prompt: bool = typer.Option(False, "--no-prompt", help="Do not store the prompt in each row."),
+    system_prompt: Optional[str] = typer.Option(
+        None, "--system-prompt", help="Chat-template system turn; use the one the model was trained with "
+                                      "(the run's data.system_prompt; default: the template's own)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the folder."),
 ) -> None:
     """Greedy, batched, resumable generation into a predictions JSONL (the input of `fairllava evaluate`)."""
@@ -44,7 +47,7 @@ def generate(
             raise FairllavaError(f"--device {device}: {e}") from None
     res = generate_predictions(
         m, processor, data, out, image_root=images, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        resume=not no_resume, include_prompt=not no_prompt, max_length=max_length,
+        resume=not no_resume, include_prompt=not no_prompt, max_length=max_length, system_prompt=system_prompt,
     )
     console.print(
         f"wrote {res.n_total} predictions to {res.out_path} ({res.n_generated} generated, {res.n_resumed} resumed; "

@@ -54,6 +54,9 @@ class DataConfig:
     max_length: int = 2048
     limit: Optional[int] = None
     num_workers: int = 0
+    # Chat-template system turn (null = the template's default). Generation and the audit must use the same
+    # (`fairllava generate/audit --system-prompt`), otherwise the model is tested on prompts it never saw.
+    system_prompt: Optional[str] = None
 
 
 @dataclass

@@ -504,7 +504,7 @@ class FairTrainer:
         accelerator.wait_for_everyone()
 
         collator = VLMCollator(loaded.processor, loaded.dataset.vocabs, mode="train", max_length=cfg.data.max_length,
-                               task_labels=_task_label_classes(cfg, loaded))
+                               task_labels=_task_label_classes(cfg, loaded), system_prompt=cfg.data.system_prompt)
         ds, idx_map = loaded.dataset, loaded.indices
 
         def get_batch(k: int) -> tuple[int, dict]:
