@@ -55,7 +55,22 @@ VARIANTS: dict[str, list[str] | None] = {
                               "fairness.mi_conditional=true"],
 }
 FIELDS = ["variant", "overrides", "overall", "dark", "light", "gap", "gap_ci_l", "gap_ci_h", "es",
-          "final_mi", "final_dac_acc", "train_seconds"]
+          "dark_fp_mel", "light_fp_mel", "final_mi", "final_dac_acc", "train_seconds"]
+
+
+def melanoma_false_positives(preds: Path) -> dict[str, float]:
+    """Percent of each group's non-melanoma test lesions answered "melanoma": the shortcut's own signature
+    (the minority is 85 % melanoma in training), which the accuracy gap dilutes."""
+    from fairllava.io import read_jsonl
+    from fairllava.metrics.vqa import parse_labels
+
+    rows = read_jsonl(preds)
+    pred = parse_labels([r["prediction"] for r in rows])
+    out = {}
+    for g in ("dark", "light"):
+        neg = [p for r, p in zip(rows, pred) if r["attributes"]["race"] == g and r["label"] != "MEL"]
+        out[f"{g}_fp_mel"] = 100.0 * sum(p == "MEL" for p in neg) / max(len(neg), 1)
+    return out
 
 
 def run_variant(name: str, overrides: list[str] | None, out: Path, seed: int = 0, strength: float | None = None) -> dict:
@@ -93,7 +108,7 @@ def run_variant(name: str, overrides: list[str] | None, out: Path, seed: int = 0
     ci = r.ci["gap"]["race"]["accuracy"]
     return {"variant": name, "overrides": " ".join(overrides or []), "overall": r.overall["accuracy"],
             "dark": g["dark"]["accuracy"], "light": g["light"]["accuracy"], "gap": r.gap["race"]["accuracy"],
-            "gap_ci_l": ci[0], "gap_ci_h": ci[1], "es": r.es["race"]["accuracy"],
+            "gap_ci_l": ci[0], "gap_ci_h": ci[1], "es": r.es["race"]["accuracy"], **melanoma_false_positives(preds),
             "final_mi": last.get("mi/race"), "final_dac_acc": last.get("dac_acc/race"), "train_seconds": seconds}
 
 
@@ -101,11 +116,13 @@ def table(csv_path: Path) -> str:
     rows = list(csv.DictReader(csv_path.open()))
     f = lambda v: "—" if v in ("", "None") else f"{float(v):.1f}"
     f3 = lambda v: "—" if v in ("", "None") else f"{float(v):.3f}"
-    lines = ["| variant | overall | dark | light | gap [95% CI] | ES | final MI est. | final DAC acc |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | overall | dark | light | gap [95% CI] | ES | MEL false positives dark / light | "
+             "final MI est. | final DAC acc |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        fp = f"{f(r.get('dark_fp_mel') or '')} / {f(r.get('light_fp_mel') or '')}"
         lines.append(f"| {r['variant']} | {f(r['overall'])} | {f(r['dark'])} | {f(r['light'])} | "
-                     f"{f(r['gap'])} [{f(r['gap_ci_l'])}, {f(r['gap_ci_h'])}] | {f(r['es'])} | "
+                     f"{f(r['gap'])} [{f(r['gap_ci_l'])}, {f(r['gap_ci_h'])}] | {f(r['es'])} | {fp} | "
                      f"{f3(r['final_mi'])} | {f3(r['final_dac_acc'])} |")
     return "\n".join(lines) + "\n"
 

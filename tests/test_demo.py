@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from fairllava.demo import get_preset, run_demo, summary_markdown, update_readme
+from fairllava.demo import get_preset, run_demo, shortcut_signature, summary_markdown, update_readme
 from fairllava.errors import FairllavaError
 from fairllava.fairness import evaluate_predictions
 
@@ -52,6 +52,26 @@ def test_report_numbers_are_recomputed_from_the_predictions(smoke_runs):
     audit = json.loads((out / "report" / "audit.json").read_text())
     assert set(audit["models"]) == {"lora", "fairllava"}
     assert "Leakage audit" in (out / "report" / "report.md").read_text()
+    # the shortcut signature is recomputed from the predictions too
+    card = json.loads((out / "data" / "datacard.json").read_text())
+    for m in ("lora", "fairllava"):
+        assert summary["shortcut_signature"][m] == shortcut_signature(out / "predictions" / f"{m}.jsonl", card)
+    assert "shortcut signature of `lora`" in (out / "summary.md").read_text()
+
+
+def test_shortcut_signature_counts_false_positives_of_the_enriched_label(tmp_path):
+    card = {"labels": ["MEL", "NV", "VASC"],
+            "shortcut": {"attribute": "race", "train_minority_label_probs": {"MEL": 0.85, "NV": 0.075, "VASC": 0.075}}}
+    rows = [("dark", "NV", "melanoma."), ("dark", "VASC", "melanoma."), ("dark", "NV", "nevus."),
+            ("dark", "MEL", "melanoma."), ("light", "NV", "nevus."), ("light", "VASC", "melanoma."),
+            ("light", "MEL", "nevus."), ("light", "NV", "vascular lesion.")]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "prediction": p, "reference": "", "label": y,
+                                        "attributes": {"race": g}}) + "\n" for i, (g, y, p) in enumerate(rows)))
+    sig = shortcut_signature(path, card)
+    assert sig["label"] == "MEL" and sig["attribute"] == "race"
+    assert sig["groups"]["dark"] == {"n": 3, "false_positive_pct": pytest.approx(200 / 3)}
+    assert sig["groups"]["light"] == {"n": 3, "false_positive_pct": pytest.approx(100 / 3)}
 
 
 def test_same_seed_same_results(smoke_runs):
