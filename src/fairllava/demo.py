@@ -48,11 +48,11 @@ class DemoPreset:
     system_prompt: Optional[str] = None  # None = the chat template's default; training, generation and audit share it
 
 
-# The fairness block the demo uses: the paper/reference method (METHOD.md §4–6, the `mimic_cxr` preset's
-# estimator settings) on the benchmark's shortcut attribute: hidden-state index int(0.5 * n_hs), one random
-# image token per sample, L2-normalised, linear DAC at the LoRA lr, smooth |I|. It gave the smallest gap of
-# every configuration we measured on this benchmark (docs/benchmark.md lists them all, with CIs).
-_DEMO_FAIRNESS = {
+# The paper/reference estimator (METHOD.md §4–6, the `mimic_cxr` preset's settings) on the benchmark's shortcut
+# attribute: hidden-state index int(0.5 * n_hs), one random image token per sample, L2-normalised, linear DAC at
+# the LoRA lr, unconditional, smooth |I|. On this model its DAC never leaves chance, so the penalty is ~0
+# (docs/benchmark.md); the ablation harness applies its variants on top of this block.
+REFERENCE_FAIRNESS = {
     "attributes": {SHORTCUT_ATTRIBUTE: {"num_classes": 2, "weight": 1.0}},
     "fairness_lambda": 1.0,
     "dac_loss_weight": 1.0,
@@ -62,12 +62,28 @@ _DEMO_FAIRNESS = {
     "mi_token_mode": "image",
     "mi_pooling": "random_token",
     "mi_l2_normalize": None,
+    "mi_standardize": False,
     "dac_lr": None,
     "mi_conditional": False,
     "mi_penalty": "smooth_abs",
     "update_mode": "joint",
     "seed": 42,
 }
+
+# What the demo runs: the same loss (lambda 1, joint updates, linear DAC), with the estimator settings that made
+# the penalty act on this benchmark without levelling down (`std_token0_cond` in docs/benchmark.md; chosen on
+# seed 0, checked on seed 1): every image token where it enters the LM (index 0), standardised instead of
+# L2-normalised so the DAC can learn, DAC lr 1e-2, and the label-conditional estimate I(race; z | lesion label),
+# which penalises only tone information beyond what the lesion itself explains.
+DEMO_FAIRNESS_OVERRIDES = {
+    "mi_layer_index": 0,
+    "mi_pooling": "token",
+    "mi_l2_normalize": False,
+    "mi_standardize": True,
+    "dac_lr": 0.01,
+    "mi_conditional": True,
+}
+_DEMO_FAIRNESS = {**REFERENCE_FAIRNESS, **DEMO_FAIRNESS_OVERRIDES}
 
 PRESETS: dict[str, DemoPreset] = {
     "default": DemoPreset(
