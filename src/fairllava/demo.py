@@ -328,7 +328,8 @@ def shortcut_signature(preds_path: Path, datacard: dict) -> dict:
     out = {"label": target, "attribute": sc["attribute"], "groups": {}}
     for g in sorted({r["attributes"][sc["attribute"]] for r in rows}):
         neg = [p for r, p in zip(rows, pred) if r["attributes"][sc["attribute"]] == g and r["label"] != target]
-        out["groups"][g] = {"n": len(neg), "false_positive_pct": 100.0 * sum(p == target for p in neg) / max(len(neg), 1)}
+        hits = sum(p == target for p in neg)
+        out["groups"][g] = {"n": len(neg), "false_positive_pct": 100.0 * hits / max(len(neg), 1)}
     return out
 
 
