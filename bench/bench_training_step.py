@@ -45,14 +45,13 @@ def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None) -> dic
     items = [ds[i] for i in range(batch_size)]
     settings = {"full logits": False, "compact logits": True}
     batch = VLMCollator(proc, vocabs, "train", system_prompt=p.system_prompt)(items)
-    batches = {k: batch for k in settings}
     modules = {k: TrainingModule(model, LoraMethod(), [], compact_logits=c) for k, c in settings.items()}
     times: dict[str, list[float]] = {k: [] for k in settings}
     for rep in range(steps + 1):  # the first round warms up and is discarded
         for k in settings:
             model.zero_grad(set_to_none=True)
             t = time.perf_counter()
-            loss, _, _ = modules[k](batches[k], 0.0, 0)
+            loss, _, _ = modules[k](batch, 0.0, 0)
             loss.backward()
             if rep:
                 times[k].append(time.perf_counter() - t)
@@ -60,7 +59,7 @@ def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None) -> dic
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"threads={torch.get_num_threads()}  batch={batch_size}  steps={steps}")
     for k in settings:
-        print(f"{k:16s} T={batches[k]['input_ids'].shape[1]:3d}  {med[k]:6.2f} s/step  x{med[first] / med[k]:.2f}")
+        print(f"{k:16s} T={batch['input_ids'].shape[1]:3d}  {med[k]:6.2f} s/step  x{med[first] / med[k]:.2f}")
     # dropout differs between calls, so compare losses with dropout off
     model.eval()
     with torch.no_grad():

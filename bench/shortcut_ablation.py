@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from fairllava.data.preparers.shortcut import prepare_shortcut
-from fairllava.demo import REFERENCE_FAIRNESS, _base_model, _done, _train_config, get_preset
+from fairllava.demo import REFERENCE_FAIRNESS, _base_model, _done, _train_config, get_preset, shortcut_signature
 from fairllava.fairness import evaluate_predictions
 from fairllava.generation import generate_predictions
 from fairllava.io import atomic_write_text
@@ -58,21 +58,6 @@ FIELDS = ["variant", "overrides", "overall", "dark", "light", "gap", "gap_ci_l",
           "dark_fp_mel", "light_fp_mel", "final_mi", "final_dac_acc", "train_seconds"]
 
 
-def melanoma_false_positives(preds: Path) -> dict[str, float]:
-    """Percent of each group's non-melanoma test lesions answered "melanoma": the shortcut's own signature
-    (the minority is 85 % melanoma in training), which the accuracy gap dilutes."""
-    from fairllava.io import read_jsonl
-    from fairllava.metrics.vqa import parse_labels
-
-    rows = read_jsonl(preds)
-    pred = parse_labels([r["prediction"] for r in rows])
-    out = {}
-    for g in ("dark", "light"):
-        neg = [p for r, p in zip(rows, pred) if r["attributes"]["race"] == g and r["label"] != "MEL"]
-        out[f"{g}_fp_mel"] = 100.0 * sum(p == "MEL" for p in neg) / max(len(neg), 1)
-    return out
-
-
 def run_variant(name: str, overrides: list[str] | None, out: Path, seed: int = 0, strength: float | None = None) -> dict:
     p = get_preset("default")
     if strength is not None:
@@ -102,15 +87,16 @@ def run_variant(name: str, overrides: list[str] | None, out: Path, seed: int = 0
         generate_predictions(model, proc, data / "test.jsonl", preds, image_root=data / "images",
                              batch_size=p.gen_batch_size, max_new_tokens=p.max_new_tokens,
                              system_prompt=p.system_prompt)
-    labels = json.loads((data / "datacard.json").read_text())["labels"]
-    r = evaluate_predictions(preds, task="vqa", labels=labels, attributes=["race"], n_boot=1000, seed=seed,
+    datacard = json.loads((data / "datacard.json").read_text())
+    fp = {f"{g}_fp_mel": v["false_positive_pct"] for g, v in shortcut_signature(preds, datacard)["groups"].items()}
+    r = evaluate_predictions(preds, task="vqa", labels=datacard["labels"], attributes=["race"], n_boot=1000, seed=seed,
                              n_min=p.n_min, run="ablation")
     last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
     g = r.groups["race"]
     ci = r.ci["gap"]["race"]["accuracy"]
     return {"variant": name, "overrides": " ".join(overrides or []), "overall": r.overall["accuracy"],
             "dark": g["dark"]["accuracy"], "light": g["light"]["accuracy"], "gap": r.gap["race"]["accuracy"],
-            "gap_ci_l": ci[0], "gap_ci_h": ci[1], "es": r.es["race"]["accuracy"], **melanoma_false_positives(preds),
+            "gap_ci_l": ci[0], "gap_ci_h": ci[1], "es": r.es["race"]["accuracy"], **fp,
             "final_mi": last.get("mi/race"), "final_dac_acc": last.get("dac_acc/race"), "train_seconds": seconds}
 
 

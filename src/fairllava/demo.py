@@ -234,16 +234,15 @@ def run_demo(out_dir: str | os.PathLike, preset: str | DemoPreset = "default", s
     audit = _audit(p, base, data, out, seed, progress)
 
     log("[7/7] evaluating both methods (bootstrap CIs, paired tests) and writing the report")
-    labels = json.loads((data / "datacard.json").read_text())["labels"]
+    datacard = json.loads((data / "datacard.json").read_text())
     cmp = compare(preds["lora"], preds["fairllava"], task="vqa", names=("lora", "fairllava"),
-                  n_boot=p.n_boot, n_min=p.n_min, seed=seed, labels=labels, run="demo")
+                  n_boot=p.n_boot, n_min=p.n_min, seed=seed, labels=datacard["labels"], run="demo")
     summary = summarize(cmp.results, cmp.pvalues)
     sessions = _record_session(out, time.perf_counter() - t0)
     meta = {**cmp.meta, "demo": settings, "machine": machine_info(),
             "seconds": round(sum(sessions), 1), "sessions": len(sessions)}
     write_comparison_report(cmp.results, cmp.pvalues, out / "report", overwrite=True, meta=meta, audit=audit)
     leakage = audit_summary(audit)
-    datacard = json.loads((data / "datacard.json").read_text())
     signature = {m: shortcut_signature(preds[m], datacard) for m in DEMO_METHODS}
     atomic_write_json(out / "summary.json", {"summary": summary, "pvalues": _key_pvalues(cmp.pvalues),
                                              "leakage": leakage, "shortcut_signature": signature, "meta": meta})

@@ -590,7 +590,8 @@ class FairTrainer:
 
     def _validate(self, accelerator, module, val, collator) -> float:
         """Token-mean LM loss on ``data.val`` (eval mode, no grad; consumes no RNG, so resume stays exact)."""
-        model = accelerator.unwrap_model(module).model
+        wrapped = accelerator.unwrap_model(module)
+        model = wrapped.model
         bs = self.cfg.optim.per_device_batch_size
         rank, world = accelerator.process_index, accelerator.num_processes
         mine = list(range(rank, len(val), world))
@@ -601,8 +602,7 @@ class FairTrainer:
             for i in range(0, len(mine), bs):
                 batch = _to_device(collator([val[j] for j in mine[i:i + bs]]), accelerator.device)
                 inputs = {k: v for k, v in batch.items() if k not in _BATCH_META and isinstance(v, torch.Tensor)}
-                out, labels = lm_forward(model, inputs, batch["labels"], self.cfg.model.compact_logits
-                                         and accepts_logits_to_keep(model))
+                out, labels = lm_forward(model, inputs, batch["labels"], wrapped.compact_logits)
                 per, n = per_sample_lm_loss(out.logits, labels)
                 tot += torch.stack([(per * n).sum(), n.sum()]).double().cpu()
         model.train(was_training)
