@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
 import tarfile
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fairllava.benchmark import cxr, derm, evidence, prepare, rendering
 from fairllava.data.preparers import shortcut as sc
 from fairllava.errors import FairllavaError
 from fairllava.io import read_jsonl
@@ -104,10 +106,10 @@ def test_equal_evidence_by_construction():
     diffs, between = [], []
     for i in range(6):
         lab = sc.DERM_LABELS[i % 3]
-        light, _ = sc.render_derm(sc._rng(0, "t", i), lab, "light", "M", "45-65", 64)
-        dark, _ = sc.render_derm(sc._rng(0, "t", i), lab, "dark", "M", "45-65", 64)
-        other, _ = sc.render_derm(sc._rng(0, "t", i + 100), lab, "light", "M", "45-65", 64)
-        fl, fd, fo = (sc.image_features(x) for x in (light, dark, other))
+        light, _ = derm.render_derm(rendering._rng(0, "t", i), lab, "light", "M", "45-65", 64)
+        dark, _ = derm.render_derm(rendering._rng(0, "t", i), lab, "dark", "M", "45-65", 64)
+        other, _ = derm.render_derm(rendering._rng(0, "t", i + 100), lab, "light", "M", "45-65", 64)
+        fl, fd, fo = (evidence.image_features(x) for x in (light, dark, other))
         diffs.append(np.abs(fl - fd).mean())
         between.append(np.abs(fl - fo).mean())
         assert light.mean() > dark.mean() + 60  # the tone itself is plainly visible
@@ -115,8 +117,8 @@ def test_equal_evidence_by_construction():
 
 
 def test_evidence_probe_equal_across_groups():
-    cfg = sc.ShortcutConfig(task="derm-vqa", seed=0, n_probe_per_cell=40, image_size=64)
-    probe = sc._evidence_probe(cfg, sc._derm_plan(cfg), "pixels")
+    cfg = rendering.ShortcutConfig(task="derm-vqa", seed=0, n_probe_per_cell=40, image_size=64)
+    probe = evidence._evidence_probe(cfg, derm._derm_plan(cfg), "pixels")
     accs = {g: v["balanced_accuracy"] for g, v in probe["per_group"].items()}
     assert set(accs) == {"light", "dark"}
     assert all(a > 0.5 for a in accs.values())  # the class is visible (chance 0.33)
@@ -166,11 +168,11 @@ def _fake_iu_dir(d: Path, n: int = 80) -> Path:
 
 def test_cxr_report_from_synthetic_xml(tmp_path):
     iu = _fake_iu_dir(tmp_path / "iu")
-    reports = sc.read_iu_reports(iu)
+    reports = cxr.read_iu_reports(iu)
     assert len(reports) == 80 and reports[0].report_id == "CXR1"
     assert reports[2].sex == "F" and reports[0].sex is None
     assert reports[0].age == 2012 - 1941
-    card = sc.prepare_shortcut("cxr-report", tmp_path / "out", seed=0, strength=1.0, n_train=20,
+    card = prepare.prepare_shortcut("cxr-report", tmp_path / "out", seed=0, strength=1.0, n_train=20,
                                n_val_per_cell=2, n_test_per_cell=3, image_size=48, evidence_probe=True,
                                n_probe_per_cell=10, iu_data_dir=iu,
                                progress=False)
@@ -187,22 +189,22 @@ def test_cxr_report_from_synthetic_xml(tmp_path):
         assert "Spine" not in " ".join(rep.mesh)  # undrawable reports are excluded
         assert r["meta"]["drawn"] == ([] if r["label"] == "normal" else r["meta"]["drawn"])
     with pytest.raises(FairllavaError, match="usable"):
-        sc.prepare_shortcut("cxr-report", tmp_path / "big", n_train=500, iu_data_dir=iu,
+        prepare.prepare_shortcut("cxr-report", tmp_path / "big", n_train=500, iu_data_dir=iu,
                             **{k: v for k, v in SMALL.items() if k != "n_train"})
 
 
 def test_cxr_findings_mapping():
-    assert sc.cxr_findings(["normal"]) == []
-    assert sc.cxr_findings(["spine/degenerative"]) is None
-    f = sc.cxr_findings(["pleural effusion/right/large", "cardiomegaly/mild"])
+    assert cxr.cxr_findings(["normal"]) == []
+    assert cxr.cxr_findings(["spine/degenerative"]) is None
+    f = cxr.cxr_findings(["pleural effusion/right/large", "cardiomegaly/mild"])
     assert [x["kind"] for x in f] == ["effusion", "cardiomegaly"]
     assert f[0]["side"] == "right" and f[0]["severity"] > 1 and f[1]["severity"] < 1
 
 
 def test_real_iu_reports_counts():
-    if sc.importlib.util.find_spec("torchxrayvision") is None:
+    if importlib.util.find_spec("torchxrayvision") is None:
         pytest.skip("torchxrayvision wheel (IU X-ray reports) not installed")
-    reports = sc.read_iu_reports()
+    reports = cxr.read_iu_reports()
     assert len(reports) == 3955
     assert sum(1 for r in reports if r.findings) == 3425
     assert sum(1 for r in reports if r.age is not None) == 3850

@@ -221,6 +221,8 @@ def generate_predictions(
                     rec = ds.records[i]
                     row = {"id": str(rec["id"]), "prediction": text, "reference": ref,
                            "attributes": _display_attributes(rec.get("attributes"), ds.vocabs)}
+                    if rec.get("group_id") is not None:  # patient/lesion cluster: evaluation resamples it
+                        row["group_id"] = str(rec["group_id"])
                     if rec.get("label") is not None:
                         row["label"] = rec["label"]
                     if include_prompt:
@@ -259,7 +261,8 @@ def _finalize(part: Path, out_path: Path, ids: list[str], done: dict[str, dict])
 
 
 class _progress:
-    """A rich progress bar (stderr) or a no-op; yields ``advance(n)``."""
+    """A progress display (:mod:`fairllava.progress`: live bar on a terminal, plain lines otherwise) or a no-op;
+    yields ``advance(n)``."""
 
     def __init__(self, enabled: bool, total: int, completed: int):
         self.enabled, self.total, self.completed = enabled, total, completed
@@ -268,11 +271,9 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from .progress import ProgressDisplay
 
-        self._p = Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                           console=Console(stderr=True), transient=False)
+        self._p = ProgressDisplay(transient=False)
         self._p.__enter__()
         task = self._p.add_task("generate", total=self.total, completed=self.completed)
         return lambda n: self._p.advance(task, n)

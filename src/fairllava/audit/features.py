@@ -94,13 +94,10 @@ def _pooling_capture(model, indices: Sequence[int], pool_fn):
 
 
 def progress_bar(enabled: bool):
-    """A rich progress bar on the CLI's stderr console (disabled in library/test use)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """The shared progress display (:mod:`fairllava.progress`; disabled in library/test use)."""
+    from ..progress import progress_display
 
-    from ..cli._app import console
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, disable=not enabled, transient=True)
+    return progress_display(enabled=enabled, transient=True)
 
 
 def resolve_layers(model, layers: str | Sequence[int]) -> list[int]:

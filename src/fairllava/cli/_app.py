@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
+
+from ..progress import console  # the library's one stderr console (re-exported for the CLI modules)
 
 app = typer.Typer(
     name="fairllava",
@@ -10,4 +11,3 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)

@@ -1,4 +1,4 @@
-"""Training metrics: ``metrics.jsonl`` in the run dir, optional TensorBoard, a rich progress bar.
+"""Training metrics: ``metrics.jsonl`` in the run dir, optional TensorBoard, a progress display.
 
 Why three sinks: the JSON-lines file is the record of a run (analysis, tests, resume bookkeeping);
 TensorBoard is for watching curves; the progress bar is for the person at the terminal. Only the
@@ -80,20 +80,15 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 class Progress:
-    """A rich progress bar over optimizer steps showing the latest losses (no-op when disabled)."""
+    """Progress over optimizer steps showing the latest losses (:mod:`fairllava.progress`; no-op when disabled)."""
 
     def __init__(self, total: int, start: int = 0, enabled: bool = True, description: str = "train") -> None:
         self._p = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+        from ..progress import ProgressDisplay
 
-        from ..cli._app import console
-
-        self._p = RichProgress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"), console=console, transient=False,
-        )
+        self._p = ProgressDisplay(transient=False)  # a live bar on a terminal, plain lines every ~30 s otherwise
         self._task = self._p.add_task(description, total=total, completed=start, info="")
         self._p.start()
 

@@ -498,7 +498,7 @@ class FairTrainer:
             accelerator.load_state(str(resume_from))
             logger.truncate_after(state.step)
         elif self.resume and main:
-            from ..cli._app import console
+            from ..progress import console
 
             console.print(f"[yellow]no complete checkpoint in {self.run_dir}; starting from step 0[/yellow]")
         accelerator.wait_for_everyone()
