@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NEGATIVES = ("offdiag", "full")
+NEGATIVES = ("offdiag", "full", "other_samples")
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int, name: str = "labels") -> None:
@@ -50,6 +50,11 @@ def club_mi(
     negatives: str = "offdiag",
     ignore_index: int = -100,
     strata: torch.Tensor | None = None,
+    *,
+    groups: torch.Tensor | None = None,
+    partner_labels: torch.Tensor | None = None,
+    partner_strata: torch.Tensor | None = None,
+    skip_single_group_strata: bool = False,
 ) -> torch.Tensor:
     """Mini-batch CLUB estimate ``positive - negative`` from DAC logits ``[B, K]`` and labels ``[B]``.
 
@@ -64,8 +69,17 @@ def club_mi(
     are averaged with weights n_s (strata with < 2 rows drop out). With s = the task label (the lesion class,
     the finding), label information that merely correlates with the attribute in the training data is not
     penalised — only what z says about the attribute beyond the label (an equalised-odds-style target).
+
+    Options of the *anchor form* (:func:`_anchor_club`; any of them switches to it):
+    ``negatives="other_samples"`` with ``groups`` ([B] sample id of each row, token pooling) leaves pairs of rows
+    from the same sample out of the negative term; ``partner_labels`` / ``partner_strata`` ([M], e.g. a queue of
+    past batches) add label partners to the negative term (they carry no z, hence no gradient);
+    ``skip_single_group_strata`` gives no weight to a stratum whose rows all share one attribute class.
     """
     _check_inputs(logits, labels, negatives, ignore_index)
+    if negatives == "other_samples" or groups is not None or partner_labels is not None or skip_single_group_strata:
+        return _anchor_club(logits, labels, strata, negatives, ignore_index, groups, partner_labels,
+                            partner_strata, skip_single_group_strata)
     if strata is not None:
         return _conditional_club(logits, labels, strata, negatives, ignore_index)
     labels = labels.to(device=logits.device, dtype=torch.long)
@@ -125,4 +139,85 @@ def _conditional_club(logits: torch.Tensor, labels: torch.Tensor, strata: torch.
     weight = torch.where(n_s >= 2, n_s, torch.zeros_like(n_s))
     total = weight.sum()
     mi = (weight * mi_s).sum() / total.clamp(min=1.0)
+    return torch.where(total > 0, mi, torch.zeros_like(mi))
+
+
+def _int_vector(name: str, x: torch.Tensor | None, n: int | None) -> None:
+    if x is None:
+        return
+    if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.is_floating_point() or x.dtype == torch.bool or \
+            (n is not None and x.shape[0] != n):
+        raise ValueError(f"{name} must be an integer tensor of shape [{'B' if n is None else n}], got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+
+
+def _anchor_club(logits: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor | None, negatives: str,
+                 ignore_index: int, groups: torch.Tensor | None, partner_labels: torch.Tensor | None,
+                 partner_strata: torch.Tensor | None, skip_single: bool) -> torch.Tensor:
+    """CLUB as a mean over anchors i of ``log q(y_i|z_i) - mean_{j in P_i} log q(y_j|z_i)``, in O((B+M)·K).
+
+    P_i = the rows and partners of i's stratum, minus i itself (``offdiag``), minus every row of i's sample
+    (``other_samples``; ``groups`` = sample ids, default one sample per row), or nothing (``full``). The per-anchor
+    mean keeps the estimate exactly 0 when q ignores z even if samples contribute unequal numbers of rows; with
+    equal partner counts (no groups, no partners) it equals the pair mean of :func:`club_mi`'s default form.
+    Anchors with no partner, in a stratum of < 2 labelled rows, or (``skip_single``) in a stratum whose rows
+    all carry one class are left out; none left -> an exact, graph-connected 0.
+    """
+    n = logits.shape[0]
+    dev = logits.device
+    _int_vector("groups", groups, n)
+    _int_vector("strata", strata, n)
+    _int_vector("partner_labels", partner_labels, None)
+    if partner_labels is not None:
+        check_labels(partner_labels, logits.shape[1], ignore_index, "partner_labels")
+    if (partner_strata is None) != (partner_labels is None or strata is None):
+        raise ValueError("partner_strata must be given exactly when both partner_labels and strata are")
+    if partner_strata is not None:
+        _int_vector("partner_strata", partner_strata, partner_labels.shape[0])
+    k = logits.shape[1]
+    lp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    y = labels.to(device=dev, dtype=torch.long)
+    valid = y != ignore_index
+    s = torch.zeros_like(y) if strata is None else strata.to(device=dev, dtype=torch.long)
+    valid = valid & (s != ignore_index)
+    if partner_labels is not None:
+        yq = partner_labels.to(device=dev, dtype=torch.long)
+        sq = torch.zeros_like(yq) if partner_strata is None else partner_strata.to(device=dev, dtype=torch.long)
+        vq = (yq != ignore_index) & (sq != ignore_index)
+    else:
+        yq = sq = torch.zeros(0, dtype=torch.long, device=dev)
+        vq = torch.zeros(0, dtype=torch.bool, device=dev)
+    # Dense stratum ids over anchors and partners together (invalid rows go to id 0 with weight 0).
+    s_all = torch.cat([torch.where(valid, s, torch.zeros_like(s)), torch.where(vq, sq, torch.zeros_like(sq))])
+    _, s_all = torch.unique(s_all, return_inverse=True)
+    n_strata = int(s_all.max()) + 1 if s_all.numel() else 1
+    s_a, s_q = s_all[:n], s_all[n:]
+    y0, yq0 = torch.where(valid, y, torch.zeros_like(y)), torch.where(vq, yq, torch.zeros_like(yq))
+    counts = torch.zeros(n_strata * k, dtype=lp.dtype, device=dev)
+    counts.scatter_add_(0, s_a * k + y0, valid.to(lp.dtype))
+    counts.scatter_add_(0, s_q * k + yq0, vq.to(lp.dtype))
+    counts = counts.view(n_strata, k)                                   # c_{s,k} over anchors + partners
+    lp = torch.where(valid[:, None], lp, torch.zeros_like(lp))
+    pos_i = lp.gather(1, y0[:, None]).squeeze(1)                          # log q(y_i | z_i)
+    cross_i = (lp * counts[s_a]).sum(1)                                   # sum over i's stratum pool
+    pool_n = counts.sum(1)[s_a]
+    if negatives == "full":
+        own_i, own_n = torch.zeros_like(pos_i), torch.zeros_like(pos_i)
+    elif negatives == "offdiag" or groups is None:
+        own_i, own_n = pos_i, torch.ones_like(pos_i)
+    else:  # other_samples: subtract the row's own (sample, stratum) block
+        g = groups.to(device=dev, dtype=torch.long)
+        _, key = torch.unique(torch.stack([g, s_a]), dim=1, return_inverse=True)
+        n_keys = int(key.max()) + 1 if key.numel() else 1
+        own = torch.zeros(n_keys * k, dtype=lp.dtype, device=dev).scatter_add_(0, key * k + y0, valid.to(lp.dtype))
+        own = own.view(n_keys, k)[key]
+        own_i, own_n = (lp * own).sum(1), own.sum(1)
+    n_pairs = pool_n - own_n
+    ok = valid & (n_pairs > 0) & (pool_n >= 2)
+    if skip_single:
+        ok = ok & ((counts > 0).sum(1)[s_a] >= 2)
+    contrast = pos_i - (cross_i - own_i) / n_pairs.clamp(min=1.0)
+    w = ok.to(lp.dtype)
+    total = w.sum()
+    mi = (torch.where(ok, contrast, torch.zeros_like(contrast))).sum() / total.clamp(min=1.0)
     return torch.where(total > 0, mi, torch.zeros_like(mi))

@@ -17,8 +17,12 @@ TOKEN_MODES = ("image", "text", "all")
 POOLINGS = ("random_token", "masked_mean", "token")
 DAC_LOSSES = ("ce", "focal", "balanced", "logit_adjusted")
 PENALTIES = ("smooth_abs", "signed", "relu")
-NEGATIVES = ("offdiag", "full")
+NEGATIVES = ("offdiag", "full", "other_samples")
 UPDATE_MODES = ("joint", "alternating")
+ALTERNATING_PENALTY_HEADS = ("same_batch", "held_out")
+ON_DEAD_DAC = ("warn", "error", "ignore")
+STRATA_SOURCES = ("label", "chexpert_rules")
+QUEUE_MAX_BYTES = 1 << 30  # the label queue is tiny per row; a bound this large only catches a typo'd size
 
 
 @dataclass(frozen=True)
@@ -140,10 +144,25 @@ class FairnessConfig:
     dac_class_counts: dict[str, list[int]] | None = None  # training-set class counts (balanced/logit_adjusted)
     mi_penalty: str = "smooth_abs"      # smooth_abs sqrt(I^2 + eps) (reference) | signed (paper Eq. 9) | relu
     mi_penalty_eps: float = 1e-6
-    negatives: str = "offdiag"          # offdiag (reference) | full (original CLUB)
+    negatives: str = "offdiag"          # offdiag (reference) | full (original CLUB) | other_samples (token pooling:
+    #                                     no pair of rows from the same sample among the negatives)
     mi_conditional: bool = False        # [ours] estimate I(a; z | task label): negatives only within the same label
+    mi_strata_source: str = "label"     # [ours] label = the records' `label`; chexpert_rules = findings derived from
+    #                                     the target report by fairllava.metrics.chexpert_rules (report generation)
+    mi_strata_findings: list[str] = field(default_factory=lambda: ["No Finding"])  # chexpert_rules: findings whose
+    #                                     binarised values (uncertain -> negative) define the strata
+    mi_skip_single_group_strata: bool = False  # [ours] a stratum whose rows share one attribute class gets weight 0
+    queue_size: int = 0                 # [ours] FIFO of past rows' labels (and strata) added as CLUB negatives; 0 = off
     update_mode: str = "joint"          # joint (reference, stop-gradients) | alternating (paper Algorithm 1)
     n_dac_steps: int = 1                # DAC updates per micro-batch in alternating mode
+    alternating_penalty_heads: str = "same_batch"  # same_batch (today: heads just fitted on this batch) | held_out
+    #                                     (heads as they were before this batch's DAC update: fitted on other data)
+    penalty_grad_clip: float | None = None   # [ours] max norm of the penalty's own gradient; null = joint clipping
+    penalty_grad_ratio: float | None = None  # [ours] penalty grad norm <= ratio x (clipped) LM grad norm; null = off
+    dac_health_window: int = 256        # [ours] rolling window (samples) of prequential DAC predictions
+    dac_health_warmup_steps: int = 50   # [ours] optimizer step at which a DAC still at chance is reported
+    dac_health_margin: float = 0.05     # [ours] "at chance" = held-out balanced accuracy < 1/K + margin
+    on_dead_dac: str = "warn"           # [ours] warn | error (FairllavaError, no complete checkpoint left) | ignore
     dac_warmup_steps: int = 0           # penalty weight is 0 before this step; the DAC still trains
     gather_across_ranks: bool = False   # all-gather z and labels so negatives come from the global batch
     seed: int = 42                      # seeds the token-sampling generator
@@ -172,7 +191,11 @@ class FairnessConfig:
         _choice("mi_penalty", self.mi_penalty, PENALTIES)
         _choice("negatives", self.negatives, NEGATIVES)
         _choice("update_mode", self.update_mode, UPDATE_MODES)
-        for key in ("mi_drop_bos_eos", "gather_across_ranks"):
+        _choice("alternating_penalty_heads", self.alternating_penalty_heads, ALTERNATING_PENALTY_HEADS)
+        _choice("on_dead_dac", self.on_dead_dac, ON_DEAD_DAC)
+        _choice("mi_strata_source", self.mi_strata_source, STRATA_SOURCES)
+        self._check_new_knobs()
+        for key in ("mi_drop_bos_eos", "gather_across_ranks", "mi_skip_single_group_strata"):
             if not isinstance(getattr(self, key), bool):
                 raise FairllavaError(f"{key} must be true or false, got {getattr(self, key)!r}")
         if self.mi_l2_normalize is not None and not isinstance(self.mi_l2_normalize, bool):
@@ -209,7 +232,42 @@ class FairnessConfig:
             for name, counts in self.dac_class_counts.items():
                 check_class_counts(name, counts, self.attributes)
 
+    def _check_new_knobs(self) -> None:
+        if isinstance(self.mi_strata_findings, tuple):
+            self.mi_strata_findings = list(self.mi_strata_findings)
+        f = self.mi_strata_findings
+        if not isinstance(f, list) or not f or not all(isinstance(x, str) for x in f) or len(set(f)) != len(f):
+            raise FairllavaError(f"mi_strata_findings must be a non-empty list of distinct CheXpert finding names, "
+                                 f"got {f!r}")
+        if self.mi_strata_source == "chexpert_rules":
+            from ..metrics.chexpert_rules import CONDITIONS  # only then: fairllava.metrics is a heavier import
+
+            bad = [x for x in f if x not in CONDITIONS]
+            if bad:
+                raise FairllavaError(f"mi_strata_findings: {bad} are not CheXpert findings; valid: {CONDITIONS}")
+        _number("queue_size", self.queue_size, lo=0, integer=True)
+        need = self.queue_size * (len(self.attributes) + 1) * 8
+        if need > QUEUE_MAX_BYTES:
+            raise FairllavaError(f"queue_size={self.queue_size} would need {need / 2**20:,.0f} MiB for the label queue "
+                                 f"(bound {QUEUE_MAX_BYTES >> 20} MiB); use at most "
+                                 f"{QUEUE_MAX_BYTES // ((len(self.attributes) + 1) * 8):,} rows")
+        for key in ("penalty_grad_clip", "penalty_grad_ratio"):
+            v = getattr(self, key)
+            if v is not None:
+                _number(key, v, lo=0.0)
+                if v <= 0:
+                    raise FairllavaError(f"{key} must be > 0 (or null for joint clipping), got {v!r}")
+                setattr(self, key, float(v))
+        _number("dac_health_window", self.dac_health_window, lo=1, integer=True)
+        _number("dac_health_warmup_steps", self.dac_health_warmup_steps, lo=0, integer=True)
+        _number("dac_health_margin", self.dac_health_margin, lo=0.0, hi=1.0)
+
     # ------------------------------------------------------------------ helpers
+    @property
+    def separate_penalty_budget(self) -> bool:
+        """Whether the penalty's gradient is clipped on its own (two-pass), not jointly with the LM loss."""
+        return self.penalty_grad_clip is not None or self.penalty_grad_ratio is not None
+
     @property
     def attribute_names(self) -> list[str]:
         return list(self.attributes)

@@ -6,8 +6,13 @@ per-attribute labels, so the same module serves any HF causal LM / VLM and the t
 Gradient routing (METHOD.md §5): the DAC loss is computed on ``z.detach()`` so it reaches the heads only; the MI
 penalty is computed with ``torch.func.functional_call`` on detached head parameters so it reaches the model only.
 ``joint`` mode does both in one backward (reference); ``alternating`` mode (paper Algorithm 1) first updates the
-heads with their own optimizer (``dac_update``) and then returns the penalty under the updated, frozen heads
-(``penalty``).
+heads with their own optimizer (``dac_update``) and then returns the penalty under frozen heads (``penalty``):
+the updated ones (``alternating_penalty_heads: same_batch``, today) or a snapshot taken before this batch's update
+(``held_out``), so the penalty is scored by heads fitted on other data (the previous micro-batches).
+
+The heads always run in fp32 with autocast off (z is cast to float32 first), so the estimate stays fp32 when the
+model runs in bf16. Every call also records the heads' predictions on the batch *before* they train on it, for
+the held-out balanced accuracy ``dac_bacc/*`` and the dead-DAC check (health.py).
 """
 from __future__ import annotations
 
@@ -21,14 +26,17 @@ from torch.func import functional_call
 
 from .club import check_labels, club_mi
 from .config import FairnessConfig, check_class_counts
-from .distributed import all_gather_labels, all_gather_with_grad
+from .distributed import all_gather_labels, all_gather_with_grad, is_distributed
+from .health import DACHealth
 from .heads import build_head, dac_loss
 from .pooling import pool as _pool
 from .pooling import select_tokens as _select_tokens
+from .queue import LabelQueue
 
 _PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")
 _HEADS = re.compile(r"(?:^|\.)heads\.")
 _STATS = ("z_mean", "z_var", "z_batches")  # running standardisation buffers (mi_standardize)
+_SUBMODULES = ("health.", "queue.")  # DAC-health window and label queue: buffers kept under their own prefix
 
 
 class FairnessRegularizer(nn.Module):
@@ -66,6 +74,10 @@ class FairnessRegularizer(nn.Module):
         if cfg.dac_class_counts:
             self.set_class_counts(cfg.dac_class_counts)
         self._auto_step = 0
+        self.health = DACHealth({n: a.num_classes for n, a in cfg.attributes.items()}, cfg.dac_health_window,
+                                cfg.ignore_index)
+        self.queue = LabelQueue(cfg.attribute_names, cfg.queue_size, cfg.ignore_index) if cfg.queue_size else None
+        self._held_out_params: dict[str, dict[str, torch.Tensor]] | None = None  # alternating held_out snapshot
 
     # ------------------------------------------------------------------ configuration helpers
     def set_class_counts(self, counts: Mapping[str, Sequence[float]]) -> None:
@@ -133,12 +145,20 @@ class FairnessRegularizer(nn.Module):
         fixed = {}
         for k, v in state_dict.items():
             k = _PREFIX.sub("", k)
+            sub = next((p for p in _SUBMODULES if p in k), None)
+            if sub is not None:
+                fixed[sub + k.split(sub, 1)[1]] = v
+                continue
             if k.rsplit(".", 1)[-1] in _STATS:
                 fixed[k.rsplit(".", 1)[-1]] = v
                 continue
             m = _HEADS.search(k)
             k = "heads." + k[m.end():] if m else "heads." + k
             fixed[k] = v
+        # The health window and the label queue are run-time state, not part of a heads file: keep ours if absent.
+        for k, v in super().state_dict().items():
+            if k.startswith(_SUBMODULES) and k not in fixed:
+                fixed[k] = v
         return super().load_state_dict(fixed, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ labels
@@ -182,13 +202,21 @@ class FairnessRegularizer(nn.Module):
         strata = strata.to(device=device, dtype=torch.long)
         return strata[row_index.to(device)] if row_index is not None else strata
 
-    def _gather(self, z: torch.Tensor, y: dict[str, torch.Tensor], s: torch.Tensor | None = None):
-        if not self.cfg.gather_across_ranks:
-            return z, y, s
+    def _groups(self, rows: torch.Tensor | None, n_rows: int, device: torch.device) -> torch.Tensor:
+        """Sample id of every row (token pooling gives several rows per sample)."""
+        return rows.to(device) if rows is not None else torch.arange(n_rows, device=device)
+
+    def _gather(self, z: torch.Tensor, y: dict[str, torch.Tensor], s: torch.Tensor | None = None,
+                g: torch.Tensor | None = None):
+        if not self.cfg.gather_across_ranks or not is_distributed():
+            return z, y, s, g
         if s is not None:
             y = {**y, "__strata__": s}
+        if g is not None:  # sample ids made unique across ranks: (local id, rank) -> id * world + rank
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+            y = {**y, "__groups__": g * world + rank}
         z, y = all_gather_with_grad(z), all_gather_labels(y)
-        return z, y, y.pop("__strata__", None)
+        return z, y, y.pop("__strata__", None), y.pop("__groups__", None)
 
     def _resolve_step(self, step: int | None) -> int:
         if step is None:
@@ -216,18 +244,31 @@ class FairnessRegularizer(nn.Module):
         return (z - self.z_mean.to(z)) * torch.rsqrt(self.z_var.to(z) + 1e-5)
 
     # ------------------------------------------------------------------ terms
-    def _head_input(self, name: str, z: torch.Tensor) -> torch.Tensor:
-        return self.standardize(z).to(next(self.heads[name].parameters()).dtype)
+    def _head_logits(self, name: str, z: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Head output in fp32 with autocast off: the estimate must not be computed in bf16 (METHOD.md §4)."""
+        head = self.heads[name]
+        if params is None:
+            params = dict(head.named_parameters())
+        params = {k: v.float() for k, v in params.items()}  # no-op (same tensor) for fp32 heads
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return functional_call(head, params, (self.standardize(z.float()),))
 
-    def _dac_terms(self, z: torch.Tensor, y: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """DAC loss on detached z (reaches the heads only) and its diagnostics."""
+    def _dac_terms(self, z: torch.Tensor, y: dict[str, torch.Tensor], keep: torch.Tensor | None = None,
+                   record: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """DAC loss on detached z (reaches the heads only) and its diagnostics.
+
+        ``record``: these logits come from heads that have not trained on the batch yet, so their predictions
+        (one row per sample, ``keep``) go to the held-out health window.
+        """
         cfg = self.cfg
         total = z.new_zeros((), dtype=torch.float32)
         stats: dict[str, torch.Tensor] = {}
         zd = z.detach()
-        for name, head in self.heads.items():
-            logits = head(self._head_input(name, zd))
+        preds = {}
+        for name in self.heads:
+            logits = self._head_logits(name, zd)
             ya = y[name]
+            preds[name] = logits.detach().argmax(dim=-1)
             counts = self._class_counts.get(name)
             loss = dac_loss(logits, ya, cfg.dac_loss, cfg.ignore_index, counts,
                             cfg.dac_focal_gamma, cfg.dac_balanced_beta, cfg.dac_logit_adjust_tau)
@@ -240,19 +281,28 @@ class FairnessRegularizer(nn.Module):
                 if cfg.dac_loss != "ce":
                     stats[f"dac_loss/{name}"] = loss.detach()
                 stats[f"dac_acc/{name}"] = torch.where(n > 0, correct / n.clamp(min=1), torch.nan)
+        if record and self.training:
+            self.health.record(preds, y, keep)
+            stats.update(self.health.stats())
         return total, stats
 
-    def _dim_terms(self, z: torch.Tensor, y: dict[str, torch.Tensor], strata: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _dim_terms(self, z: torch.Tensor, y: dict[str, torch.Tensor], strata: torch.Tensor | None = None,
+                   groups: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted DIM penalty under detached head parameters (reaches the model only)."""
         cfg = self.cfg
         total = z.new_zeros((), dtype=torch.float32)
         stats: dict[str, torch.Tensor] = {}
+        snapshot, self._held_out_params = self._held_out_params, None
         for name, head in self.heads.items():
-            params = {k: v.detach() for k, v in head.named_parameters()}
-            logits = functional_call(head, params, (self._head_input(name, z),))
+            params = snapshot[name] if snapshot is not None else {k: v.detach() for k, v in head.named_parameters()}
+            logits = self._head_logits(name, z, params)
             ya = y[name]
-            mi = club_mi(logits, ya, cfg.negatives, cfg.ignore_index, strata=strata)
+            q = self.queue
+            mi = club_mi(logits, ya, cfg.negatives, cfg.ignore_index, strata=strata,
+                         groups=groups if cfg.negatives == "other_samples" else None,
+                         partner_labels=q.partners(name) if q is not None else None,
+                         partner_strata=q.strata if q is not None and strata is not None else None,
+                         skip_single_group_strata=cfg.mi_skip_single_group_strata)
             if cfg.mi_penalty == "smooth_abs":
                 dim = torch.sqrt(mi * mi + cfg.mi_penalty_eps)
             elif cfg.mi_penalty == "relu":
@@ -288,17 +338,29 @@ class FairnessRegularizer(nn.Module):
         z, rows = self.pool(hidden_states, token_mask)
         y = self._row_labels(labels, token_mask.shape[0], rows, z.device)
         s = self._row_strata(strata, token_mask.shape[0], rows, z.device)
-        z, y, s = self._gather(z, y, s)
+        g = self._groups(rows, z.shape[0], z.device)
+        z, y, s, g = self._gather(z, y, s, g)
         self.observe(z)
-        dac_total, dac_stats = self._dac_terms(z, y)
-        dim_total, dim_stats = self._dim_terms(z, y, s)
+        dac_total, dac_stats = self._dac_terms(z, y, keep=_first_rows(g), record=True)
+        dim_total, dim_stats = self._dim_terms(z, y, s, g)
+        self._after_estimate(y, s, step)
         w = self.penalty_weight(step)
         dim_term = dim_total if w > 0 else dim_total.detach() * 0.0
         lam = self.cfg.fairness_lambda
         loss = lam * (dim_term + self.cfg.dac_loss_weight * dac_total)
         logs = _to_floats({**dim_stats, **dac_stats, "dim_loss": dim_total.detach(), "dac_loss": dac_total.detach()})
         logs.update({"penalty_weight": w, "n_samples": float(z.shape[0])})
-        return {"loss": loss, "dim_loss": dim_total, "dac_loss": dac_total, "logs": logs}
+        # penalty_loss / dac_term: the two parts of `loss`, for a separate gradient budget (budget.py)
+        return {"loss": loss, "dim_loss": dim_total, "dac_loss": dac_total, "logs": logs,
+                "penalty_loss": lam * dim_term, "dac_term": lam * (self.cfg.dac_loss_weight * dac_total)}
+
+    def _after_estimate(self, y: dict[str, torch.Tensor], s: torch.Tensor | None, step: int) -> None:
+        """Training only: the batch's labels join the negatives queue (after it was scored); the health check."""
+        if not self.training:
+            return
+        if self.queue is not None:
+            self.queue.push(y, s)
+        self.health.maybe_check(step, self.cfg)
 
     def dac_update(
         self,
@@ -307,6 +369,7 @@ class FairnessRegularizer(nn.Module):
         optimizer: torch.optim.Optimizer,
         n_steps: int | None = None,
         row_index: torch.Tensor | None = None,
+        step: int | None = None,
     ) -> dict[str, Any]:
         """Alternating mode, step 1: ``n_steps`` (default ``n_dac_steps``) updates of the heads on detached z.
 
@@ -326,17 +389,25 @@ class FairnessRegularizer(nn.Module):
         z = z_detached.detach()
         n_rows = z.shape[0] if row_index is None else _n_samples(labels)
         y = self._row_labels(labels, n_rows, row_index, z.device)
-        z, y, _ = self._gather(z, y)
+        g = self._groups(row_index, z.shape[0], z.device)
+        z, y, _, g = self._gather(z, y, None, g)
         self.observe(z)
+        if self.cfg.alternating_penalty_heads == "held_out":
+            # penalty() of this batch must use the heads as they were before training on it (cloned: the
+            # optimizer updates the parameters in place, which would corrupt the penalty's saved tensors)
+            self._held_out_params = {n: {k: v.detach().clone() for k, v in h.named_parameters()}
+                                     for n, h in self.heads.items()}
         first_stats: dict[str, torch.Tensor] = {}
         with torch.enable_grad():
             for i in range(n_steps):
                 optimizer.zero_grad(set_to_none=True)
-                total, stats = self._dac_terms(z, y)
+                total, stats = self._dac_terms(z, y, keep=_first_rows(g), record=i == 0)
                 total.backward()
                 optimizer.step()
                 if i == 0:
                     first_stats = {**stats, "dac_loss": total.detach()}
+        if self.training:
+            self.health.maybe_check(self._auto_step if step is None else step, self.cfg)
         return {"logs": _to_floats(first_stats)}
 
     def penalty(
@@ -352,8 +423,11 @@ class FairnessRegularizer(nn.Module):
         n_rows = z.shape[0] if row_index is None else _n_samples(labels)
         y = self._row_labels(labels, n_rows, row_index, z.device)
         s = self._row_strata(strata, n_rows, row_index, z.device)
-        z, y, s = self._gather(z, y, s)
-        dim_total, stats = self._dim_terms(z, y, s)
+        g = self._groups(row_index, z.shape[0], z.device)
+        z, y, s, g = self._gather(z, y, s, g)
+        dim_total, stats = self._dim_terms(z, y, s, g)
+        if self.training and self.queue is not None:
+            self.queue.push(y, s)
         w = self.penalty_weight(step)
         dim_term = dim_total if w > 0 else dim_total.detach() * 0.0
         logs = _to_floats({**stats, "dim_loss": dim_total.detach()})
@@ -370,6 +444,13 @@ def _as_list(hidden_states: Any) -> list[torch.Tensor]:
         return list(hidden_states)
     raise ValueError(f"hidden_states must be a tensor, a list of tensors or a dict {{index: tensor}}, "
                      f"got {type(hidden_states).__name__}")
+
+
+def _first_rows(groups: torch.Tensor) -> torch.Tensor:
+    """First row of each sample (rows of a sample are contiguous): one health-window entry per sample."""
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep[1:] = groups[1:] != groups[:-1]
+    return keep
 
 
 def _n_samples(labels: Mapping[str, torch.Tensor]) -> int:
