@@ -9,7 +9,7 @@ import yaml
 from fairllava.errors import FairllavaError
 from fairllava.regularizer import FairnessConfig
 from fairllava.training.config import (
-    AdversarialConfig, CheckpointConfig, DataConfig, LoggingConfig, LoraSection, ModelConfig, OptimConfig,
+    AdversarialConfig, CheckpointConfig, DataConfig, ErasureConfig, LoggingConfig, LoraSection, ModelConfig, OptimConfig,
     ResampleConfig, ReweightConfig, TrainConfig, apply_overrides, list_presets, load_config, preset, preset_dict,
 )
 
@@ -33,7 +33,7 @@ def test_presets_listed_and_unknown_lists_them():
 # Only the run-specific paths may be absent from a preset.
 _RUN_SPECIFIC = {("model", "path"), ("data", "train"), ("data", "val"), ("data", "image_root"), ("output_dir",)}
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraSection, "adversarial": AdversarialConfig,
-             "reweight": ReweightConfig, "resample": ResampleConfig, "optim": OptimConfig,
+             "reweight": ReweightConfig, "resample": ResampleConfig, "erasure": ErasureConfig, "optim": OptimConfig,
              "checkpointing": CheckpointConfig, "logging": LoggingConfig}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,10 @@ def load_vlm(
         raise FairllavaError(f"{src}: cannot load a vision-language model and processor ({msg})") from None
     if adapter is not None:
         model = load_adapter(model, adapter)
+    elif local.exists():
+        from ..erasure.layer import attach_saved_eraser
+
+        attach_saved_eraser(model, local)  # a merged `erasure` run carries its eraser in the model folder
     model.eval()
     return model, processor
 
@@ -95,7 +100,11 @@ def load_adapter(model, adapter_dir: str | os.PathLike, is_trainable: bool = Fal
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FairllavaError(f"{adapter_dir}: no adapter_config.json, not a PEFT adapter folder")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    from ..erasure.layer import attach_saved_eraser
+
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    attach_saved_eraser(model, adapter_dir)  # method `erasure`: the fixed layer in front of the projector
+    return model
 
 
 def unwrap_model(model):
@@ -253,6 +262,8 @@ def merge_adapter(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        if (Path(adapter_dir) / "erasure.safetensors").is_file():  # method `erasure`: keep the eraser with the model
+            shutil.copy2(Path(adapter_dir) / "erasure.safetensors", tmp / "erasure.safetensors")
         with open(tmp / "fairllava_merge.json", "w", encoding="utf-8") as f:
             json.dump({"base": str(base_path), "adapter": str(adapter_dir)}, f, indent=2)
     return out_dir

@@ -19,7 +19,7 @@ import yaml
 
 from ..errors import FairllavaError
 
-METHODS = ("lora", "fairllava", "reweight", "resample", "adversarial")
+METHODS = ("lora", "fairllava", "reweight", "resample", "adversarial", "erasure")
 _REQUIRED = dataclasses.MISSING
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -102,6 +102,18 @@ class ResampleConfig:
 
 
 @dataclass
+class ErasureConfig:
+    """Method ``erasure`` (fairllava/erasure): LEACE of the attributes from the projector's input (the frozen vision
+    tower's output), fitted once on the training split before stage 2, applied as a fixed layer (docs/training.md)."""
+
+    attributes: Optional[list] = None  # null = every data.attributes
+    mode: Literal["conditional", "global"] = "conditional"  # conditional: within each task label (records' label)
+    max_fit_samples: Optional[int] = None  # null = the whole training split
+    svd_tol: float = 0.01  # concept-erasure's truncation of weak directions (whitened units)
+    constrain_cov_trace: bool = False  # true trades exact erasure for a non-increasing feature variance
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     dac_lr: Optional[float] = None
@@ -138,12 +150,13 @@ class TrainConfig:
     data: DataConfig
     output_dir: str
     stage: Literal[1, 2] = 2
-    method: Literal["lora", "fairllava", "reweight", "resample", "adversarial"] = "fairllava"
+    method: Literal["lora", "fairllava", "reweight", "resample", "adversarial", "erasure"] = "fairllava"
     lora: LoraSection = field(default_factory=LoraSection)
     fairness: dict = field(default_factory=dict)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
     resample: ResampleConfig = field(default_factory=ResampleConfig)
+    erasure: ErasureConfig = field(default_factory=ErasureConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -181,7 +194,7 @@ class TrainConfig:
             raise FairllavaError(f"method: stage 1 trains the projector with the LM loss only; use method: lora (got {self.method!r})")
         if self.method == "fairllava" and not self.fairness:
             raise FairllavaError("fairness: method 'fairllava' needs a fairness block (attributes, weights, ...)")
-        if self.method in ("fairllava", "reweight", "resample", "adversarial") and not self.data.attributes:
+        if self.method in ("fairllava", "reweight", "resample", "adversarial", "erasure") and not self.data.attributes:
             raise FairllavaError(f"data.attributes: method {self.method!r} needs at least one attribute")
         a = self.adversarial
         if not a.taps or any(not isinstance(t, int) or isinstance(t, bool) for t in a.taps):
@@ -190,6 +203,16 @@ class TrainConfig:
             raise FairllavaError("adversarial: expected 0 <= ramp_from_frac < ramp_to_frac <= 1")
         if self.reweight.clip_min <= 0 or self.reweight.clip_max < self.reweight.clip_min:
             raise FairllavaError("reweight: expected 0 < clip_min <= clip_max")
+        e = self.erasure
+        if e.attributes is not None:
+            unknown = [x for x in e.attributes if x not in self.data.attributes]
+            if not e.attributes or unknown:
+                raise FairllavaError(f"erasure.attributes: {unknown or e.attributes} is not a non-empty subset of "
+                                     f"data.attributes {sorted(self.data.attributes)}")
+        if e.max_fit_samples is not None and e.max_fit_samples < 2:
+            raise FairllavaError(f"erasure.max_fit_samples: expected >= 2 or null, got {e.max_fit_samples}")
+        if e.svd_tol <= 0:
+            raise FairllavaError(f"erasure.svd_tol: expected > 0, got {e.svd_tol}")
         if self.resample.order is not None:
             unknown = [x for x in self.resample.order if x not in self.data.attributes]
             if unknown:

@@ -2,7 +2,8 @@
 
 ``lora`` (vanilla), ``fairllava`` (the MI regulariser, joint or alternating), ``reweight``
 (group-weighted per-sample LM loss), ``resample`` (vanilla loss + the balanced batch sampler, wired by
-the trainer) and ``adversarial`` (an MLP discriminator behind a gradient-reversal layer).
+the trainer) and ``adversarial`` (an MLP discriminator behind a gradient-reversal layer). ``erasure``
+(vanilla loss behind a fitted LEACE eraser) lives in :mod:`fairllava.erasure.fit`.
 
 Why objects: the trainer runs one forward with hidden-state hooks and hands the result to the
 method, so every method shares the same data path, checkpointing and logging. A method's trainable
@@ -201,6 +202,9 @@ class Method:
     def after_forward(self, out: StepOutput, batch: Mapping[str, Any], step: int) -> StepOutput:
         """Work done outside the wrapped forward (alternating DAC step). Default: nothing."""
         return out
+
+    def save_artifacts(self, out_dir: Any) -> None:
+        """Method files written beside the adapter in every checkpoint and the run dir (the eraser). Default: none."""
 
 
 class LoraMethod(Method):

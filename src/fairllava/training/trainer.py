@@ -336,7 +336,7 @@ class FairTrainer:
         model.train()
 
         n_hs = _n_hidden_states(model)
-        method = self._build_method(model, dataset, indices, n_hs, accelerator)
+        method = self._build_method(model, dataset, indices, n_hs, accelerator, processor=processor)
         try:
             hidden_indices = method.hidden_indices(n_hs)
         except ValueError as e:
@@ -349,7 +349,7 @@ class FairTrainer:
             return o.max_steps
         return max(1, math.ceil(o.epochs * per_epoch / o.grad_accum))
 
-    def _build_method(self, model, dataset, indices, n_hs, accelerator) -> Method:
+    def _build_method(self, model, dataset, indices, n_hs, accelerator, processor=None) -> Method:
         cfg = self.cfg
         if cfg.stage == 1 or cfg.method == "lora":
             return LoraMethod()
@@ -362,6 +362,12 @@ class FairTrainer:
             w = reweight_weights(recs, list(cfg.data.attributes), mode=cfg.reweight.mode,
                                  clip=(cfg.reweight.clip_min, cfg.reweight.clip_max), vocabs=dataset.vocabs)
             return ReweightMethod(w)
+        if cfg.method == "erasure":
+            from ..erasure.fit import build_erasure_method
+
+            resume_dir = ck.latest_checkpoint(self.run_dir) if self.resume else None
+            return build_erasure_method(cfg, model, processor, dataset, indices, accelerator.device, resume_dir,
+                                        progress=accelerator.is_main_process and cfg.logging.progress)
         counts = {a: _counts([dataset.attr_ids[i][a] for i in indices], v.num_classes) for a, v in dataset.vocabs.items()}
         if cfg.method == "fairllava":
             from ..regularizer import FairnessRegularizer
@@ -428,6 +434,7 @@ class FairTrainer:
         if heads is not None:
             ck.save_tensors(ck.module_state(heads), out / ck.HEADS_FILE,
                             {"method": cfg.method, "attributes": list(cfg.data.attributes)})
+        method.save_artifacts(out)
         save_config(cfg, out / "config.yaml")
 
     # -- main loop -----------------------------------------------------------------------------
