@@ -154,12 +154,13 @@ def _int_vector(name: str, x: torch.Tensor | None, n: int | None) -> None:
 def _anchor_club(logits: torch.Tensor, labels: torch.Tensor, strata: torch.Tensor | None, negatives: str,
                  ignore_index: int, groups: torch.Tensor | None, partner_labels: torch.Tensor | None,
                  partner_strata: torch.Tensor | None, skip_single: bool) -> torch.Tensor:
-    """CLUB as a mean over anchors i of ``log q(y_i|z_i) - mean_{j in P_i} log q(y_j|z_i)``, in O((B+M)·K).
+    """CLUB over explicit (anchor, partner) pairs, in O((B+M)·K): per stratum s, the mean over pairs (i, j), i an
+    anchor of s and j in P_i, of ``log q(y_i|z_i) - log q(y_j|z_i)``; strata averaged with weights = their anchors.
 
     P_i = the rows and partners of i's stratum, minus i itself (``offdiag``), minus every row of i's sample
-    (``other_samples``; ``groups`` = sample ids, default one sample per row), or nothing (``full``). The per-anchor
-    mean keeps the estimate exactly 0 when q ignores z even if samples contribute unequal numbers of rows; with
-    equal partner counts (no groups, no partners) it equals the pair mean of :func:`club_mi`'s default form.
+    (``other_samples``; ``groups`` = sample ids, default one sample per row), or nothing (``full``). Without
+    partners the pair set is symmetric, so the estimate is exactly 0 when q ignores z even if samples contribute
+    unequal numbers of rows; without groups it is :func:`club_mi`'s reference form (equal partner counts).
     Anchors with no partner, in a stratum of < 2 labelled rows, or (``skip_single``) in a stratum whose rows
     all carry one class are left out; none left -> an exact, graph-connected 0.
     """
@@ -217,7 +218,14 @@ def _anchor_club(logits: torch.Tensor, labels: torch.Tensor, strata: torch.Tenso
     if skip_single:
         ok = ok & ((counts > 0).sum(1)[s_a] >= 2)
     contrast = pos_i - (cross_i - own_i) / n_pairs.clamp(min=1.0)
-    w = ok.to(lp.dtype)
-    total = w.sum()
-    mi = (torch.where(ok, contrast, torch.zeros_like(contrast))).sum() / total.clamp(min=1.0)
+    # Within a stratum: the mean over its (anchor, partner) pairs of log q(y_i|z_i) - log q(y_j|z_i), i.e. anchors
+    # weighted by their partner counts; across strata: weights = eligible anchors (today's n_s weighting).
+    wp = torch.where(ok, n_pairs, torch.zeros_like(n_pairs))
+    zeros = torch.zeros(n_strata, dtype=lp.dtype, device=dev)
+    num = zeros.scatter_add(0, s_a, torch.where(ok, wp * contrast, torch.zeros_like(contrast)))
+    den = zeros.scatter_add(0, s_a, wp)
+    n_anchor = zeros.scatter_add(0, s_a, ok.to(lp.dtype))
+    mi_s = num / den.clamp(min=1.0)
+    total = n_anchor.sum()
+    mi = (n_anchor * mi_s).sum() / total.clamp(min=1.0)
     return torch.where(total > 0, mi, torch.zeros_like(mi))
