@@ -4,7 +4,12 @@ Both systems are scored on the intersection of their sample ids with the *same* 
 seed of each (attribute, metric) cell depends only on run/attribute/metric and the shared id order), so
 the bootstrap distribution of the difference is paired. A is the baseline, B the method:
 gap ``d* = Δ*_A − Δ*_B``, ES ``d* = ES*_B − ES*_A``; one-sided ``p = (1 + #{d* <= 0}) / (1 + R)``
-(H1: B is fairer); two-sided ``min(1, 2·min(p, 1 − p))``; optional Holm over the whole table.
+(H1: B is fairer); two-sided ``min(1, 2·min(p, 1 − p))``; Holm over the whole table (``p_holm``).
+
+With ``directions`` (issue 12) the *endpoints* are signed-gap differences ``Δs_base − Δs_method`` per direction
+and metric (:func:`fairllava.fairness.paired.paired_signed_gap`: paired bootstrap CI, paired permutation p),
+Holm-adjusted within the family the user declares primary (the rest: within the secondary family); for VQA
+also exact McNemar tests per group of per-sample correctness and of the ``--rate`` false positives.
 """
 from __future__ import annotations
 
@@ -22,6 +27,12 @@ class ComparisonResult:
     results: dict[str, FairnessResult]
     pvalues: list[dict]
     meta: dict = field(default_factory=dict)
+    endpoints: list[dict] = field(default_factory=list)  # signed-gap differences, primary ones first
+    primary: list[str] = field(default_factory=list)  # endpoint ids "attribute:metric" declared primary
+    mcnemar: dict = field(default_factory=dict)  # attribute -> metric -> group -> exact McNemar result
+
+    def primary_endpoints(self) -> list[dict]:
+        return [e for e in self.endpoints if e["family"] == "primary"]
 
 
 def paired_pvalue(d: np.ndarray) -> tuple[float | None, float | None]:
@@ -57,10 +68,14 @@ def align(a: EvalData, b: EvalData, strict_ids: bool = False) -> tuple[EvalData,
     shared = [i for i, rid in enumerate(a.ids) if rid in pos_b]
     only_a, only_b = a.n - len(shared), b.n - len(shared)
     if not shared:
-        raise FairllavaError(f"{a.source} and {b.source} share no sample ids (e.g. {a.ids[0]!r} vs {b.ids[0]!r})")
+        raise FairllavaError(f"{b.source}: it and {a.source} share no sample ids (e.g. {b.ids[0]!r} vs {a.ids[0]!r})")
     if strict_ids and (only_a or only_b):
-        raise FairllavaError(f"{a.source} and {b.source} have mismatched ids: {only_a} only in the first, "
-                             f"{only_b} only in the second")
+        ids_a = set(a.ids)
+        ex_a = next((r for r in a.ids if r not in pos_b), None)
+        ex_b = next((r for r in b.ids if r not in ids_a), None)
+        raise FairllavaError(f"{b.source}: mismatched ids with {a.source}: {only_a} only in the first"
+                             f"{f' (e.g. id={ex_a})' if ex_a else ''}, {only_b} only in the second"
+                             f"{f' (e.g. id={ex_b})' if ex_b else ''}")
     for i in shared:
         j = pos_b[a.ids[i]]
         if a.references[i] != b.references[j]:
@@ -68,6 +83,10 @@ def align(a: EvalData, b: EvalData, strict_ids: bool = False) -> tuple[EvalData,
                                  "both systems must be scored against the same references")
         if a.labels is not None and b.labels is not None and a.labels[i] != b.labels[j]:
             raise FairllavaError(f"{b.source} (id={a.ids[i]}): label differs from {a.source}")
+    if a.group_ids is not None and b.group_ids is not None:
+        for i in shared:
+            if a.group_ids[i] != b.group_ids[pos_b[a.ids[i]]]:
+                raise FairllavaError(f"{b.source} (id={a.ids[i]}): group_id differs from {a.source}")
     a2 = a.subset(shared)
     b2 = a.subset(shared)
     b2.predictions = [b.predictions[pos_b[rid]] for rid in a2.ids]
@@ -76,11 +95,22 @@ def align(a: EvalData, b: EvalData, strict_ids: bool = False) -> tuple[EvalData,
     return a2, b2, {"n_shared": len(shared), "n_only_first": only_a, "n_only_second": only_b}
 
 
+def load_pair(preds_a, preds_b, task: str = "report") -> tuple[EvalData, EvalData]:
+    """Load a (baseline, method) pair whose ids must match exactly (one-line error naming the file otherwise)."""
+    a, b = _as_data(preds_a, task), _as_data(preds_b, task)
+    a2, b2, _ = align(a, b, strict_ids=True)
+    return a2, b2
+
+
 def compare(preds_a, preds_b, task: str = "report", names: tuple[str, str] = ("baseline", "method"),
-            holm_correction: bool = False, strict_ids: bool = False, **kwargs: Any) -> ComparisonResult:
+            holm_correction: bool = False, strict_ids: bool = False, primary: Sequence[str] | None = None,
+            **kwargs: Any) -> ComparisonResult:
     """Evaluate A (baseline) and B (method) on their shared ids and test gap/ES differences.
 
-    ``kwargs`` go to :func:`evaluate_predictions` (attributes, n_min, n_boot, seed, es_variant, metrics, ...).
+    ``kwargs`` go to :func:`evaluate_predictions` (attributes, n_min, n_boot, seed, es_variant, metrics,
+    directions, rate_labels, cluster, n_perm, ci_method, ...). With ``directions`` the signed-gap endpoints are
+    added (see the module docstring); ``primary`` lists the endpoint ids (``"race:accuracy"``) of the primary
+    family (default: the first direction's attribute with the task's key metric).
     """
     if names[0] == names[1]:
         raise ValueError(f"names must differ, got {names}")
@@ -106,11 +136,30 @@ def compare(preds_a, preds_b, task: str = "report", names: tuple[str, str] = ("b
                 rows.append({"attribute": attr, "metric": m, "quantity": quantity, names[0]: va, names[1]: vb,
                              "diff": None if va is None or vb is None else (va - vb if quantity == "gap" else vb - va),
                              "p_one_sided": p1, "p_two_sided": p2})
-    if holm_correction:
-        for r, p in zip(rows, holm([r["p_one_sided"] for r in rows])):
-            r["p_holm"] = p
+    for r, p in zip(rows, holm([r["p_one_sided"] for r in rows])):
+        r["p_holm"] = p  # always shown (issue 12); holm_correction is kept for callers that pass it
+    from .endpoints import paired_endpoints
+
+    endpoints, prim, mcn = paired_endpoints(ra, rb, task, primary, names, kwargs.get("n_boot", 1000),
+                                            kwargs.get("n_perm", 1000), kwargs.get("seed", 0),
+                                            kwargs.get("ci_method", "bca"), kwargs["run"])
     meta = dict(counts, names=list(names), baseline=names[0], method=names[1], n_resamples=ra.meta["n_resamples"],
-                seed=ra.meta["seed"], run=ra.meta["run"], holm=holm_correction, es_variant=ra.es_variant,
+                seed=ra.meta["seed"], run=ra.meta["run"], holm=True, es_variant=ra.es_variant,
+                resampling=ra.meta["resampling"], primary=prim,
                 test="paired one-sided bootstrap: p = (1 + #{d* <= 0}) / (1 + R); gap d* = gap_base - gap_method; "
-                     "ES d* = ES_method - ES_base; two-sided = min(1, 2 min(p, 1 - p))")
-    return ComparisonResult({names[0]: ra, names[1]: rb}, rows, meta)
+                     "ES d* = ES_method - ES_base; two-sided = min(1, 2 min(p, 1 - p)); p_holm over this table",
+                endpoint_test="signed-gap difference d = signed_gap(baseline) - signed_gap(method): paired bootstrap "
+                              "CI (same unit draws for both), paired permutation p (swap the systems' outputs per "
+                              "unit), one-sided H1 d > 0; p_holm within the primary family (secondary: within the rest)")
+    return ComparisonResult({names[0]: ra, names[1]: rb}, rows, meta, endpoints, prim, mcn)
+
+
+def compare_systems(baseline, method, task: str = "report", directions: Sequence[Any] = (),
+                    rate_labels: Sequence[str] = (), primary: Sequence[str] | None = None,
+                    names: tuple[str, str] = ("baseline", "method"), **kwargs: Any) -> ComparisonResult:
+    """Paired comparison of two systems on exactly the same ids: signed-gap differences (``endpoints``, primary
+    family first, Holm-adjusted), McNemar per group (VQA), plus everything :func:`compare` reports."""
+    if not directions:
+        raise FairllavaError("compare_systems: name at least one direction (e.g. 'race=light>dark')")
+    return compare(baseline, method, task, names=names, strict_ids=True, primary=primary, directions=directions,
+                   rate_labels=rate_labels, **kwargs)

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import FairllavaError
 from ..io import read_jsonl
 from ..metrics.base import MetricStats
-from .bootstrap import bootstrap_scores, percentile_ci, rng_for
+from .bootstrap import bootstrap_scores, cluster_inverse, percentile_ci, rng_for
 from .frame import ES_VARIANTS, GroupIndex, frame_scores, group_index
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class EvalData:
     labels: list[str] | None
     source: str
     data_hash: str
+    group_ids: list[str] | None = None  # patient/lesion cluster per sample (None: no row carries one)
+    label_field: bool = False  # whether the rows carry a task 'label' (tells a VQA file from a report file)
 
     @property
     def n(self) -> int:
@@ -54,7 +56,8 @@ class EvalData:
         return EvalData([self.ids[i] for i in idx], [self.predictions[i] for i in idx], [self.references[i] for i in idx],
                         {a: [v[i] for i in idx] for a, v in self.attributes.items()},
                         None if self.labels is None else [self.labels[i] for i in idx], self.source,
-                        _hash_rows(self, idx))
+                        _hash_rows(self, idx), None if self.group_ids is None else [self.group_ids[i] for i in idx],
+                        self.label_field)
 
 
 def _hash_rows(d: EvalData, idx: Sequence[int]) -> str:
@@ -89,7 +92,7 @@ def load_predictions(preds: Sequence[dict] | str | os.PathLike, task: str = "rep
                 raise FairllavaError(f"{where(i)} (id={r.get('id', '?')}): missing field(s) {', '.join(missing)}")
     if not rows:
         raise FairllavaError(f"{source}: no predictions")
-    ids, P, R, L = [], [], [], []
+    ids, P, R, L, C = [], [], [], [], []
     seen: dict[str, int] = {}
     attr_rows: list[dict] = []
     for i, r in enumerate(rows):
@@ -112,6 +115,10 @@ def load_predictions(preds: Sequence[dict] | str | os.PathLike, task: str = "rep
                 raise FairllavaError(f"{where(i)} (id={rid}): attribute {a!r} must be a string or null")
         if task == "vqa" and not isinstance(r["label"], str):
             raise FairllavaError(f"{where(i)} (id={rid}): 'label' must be a string for task=vqa")
+        gid = r.get("group_id")
+        if gid is not None and (not isinstance(gid, (str, int)) or isinstance(gid, bool)):
+            raise FairllavaError(f"{where(i)} (id={rid}): 'group_id' must be a string, got {type(gid).__name__}")
+        C.append(None if gid is None else str(gid))
         ids.append(rid)
         P.append(r["prediction"])
         R.append(r["reference"])
@@ -119,14 +126,21 @@ def load_predictions(preds: Sequence[dict] | str | os.PathLike, task: str = "rep
         attr_rows.append(r["attributes"])
     names = sorted({a for ar in attr_rows for a in ar})
     attributes = {a: [None if ar.get(a) is None else str(ar.get(a)) for ar in attr_rows] for a in names}
-    d = EvalData(ids, P, R, attributes, L if task == "vqa" else None, source, "")
+    n_gid = sum(g is not None for g in C)
+    # A row without group_id (when others have one) is its own cluster; no row with one -> iid resampling.
+    clusters = [g if g is not None else f"\x00id:{rid}" for g, rid in zip(C, ids)] if n_gid else None
+    d = EvalData(ids, P, R, attributes, L if task == "vqa" else None, source, "", clusters,
+                 any(lab is not None for lab in L))
     d.data_hash = _hash_rows(d, range(d.n))
     return d
 
 
 def build_metrics(data: EvalData, task: str, metrics: Sequence[str] | None = None, labels=None,
-                  scorers: Sequence[Any] = ()) -> tuple[dict[str, MetricStats], dict[str, str], dict[str, list]]:
-    """Compute per-sample statistics; returns ``(metrics, skipped {name: reason}, extra per-sample columns)``."""
+                  scorers: Sequence[Any] = (), rates: Sequence[str] = ()
+                  ) -> tuple[dict[str, MetricStats], dict[str, str], dict[str, list]]:
+    """Compute per-sample statistics; returns ``(metrics, skipped {name: reason}, extra per-sample columns)``.
+
+    ``rates``: VQA labels whose false-positive rate is added as metric ``fpr_<LABEL>`` (lower is better)."""
     from ..metrics.chexpert_rules import keyword_f1_metrics
     from ..metrics.clinical import clinical_metrics
     from ..metrics.text import TEXT_METRICS, sentence_bleu_metric, text_metrics
@@ -161,7 +175,16 @@ def build_metrics(data: EvalData, task: str, metrics: Sequence[str] | None = Non
                 out[m] = text_metrics(data.predictions, data.references, [m])[0][m]
         extra["parsed_label"] = parsed
         extra["label"] = [t.strip().upper() for t in data.labels]
+        from .signed import rate_metric
+
+        for lab in rates:
+            if lab.strip().upper() not in labelset.codes:
+                raise FairllavaError(f"--rate: label {lab!r} is not one of {labelset.codes}")
+            rm = rate_metric(parsed, extra["label"], lab)
+            out[rm.name] = rm
         return out, {}, extra
+    if rates:
+        raise FairllavaError(f"--rate {rates[0]!r}: false-positive rates need --task vqa (labelled answers)")
     wanted = list(metrics or REPORT_METRICS)
     bad = [m for m in wanted if m not in REPORT_METRICS]
     if bad:
@@ -204,6 +227,10 @@ class FairnessResult:
     meta: dict
     skipped: dict[str, str] = field(default_factory=dict)
     stratified: list[dict] = field(default_factory=list)
+    # inference statistics (issue 12): attribute -> metric -> cell; see fairllava.fairness.signed
+    signed_gap: dict[str, dict[str, dict]] = field(default_factory=dict)
+    p_all_equal: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    directions: list = field(default_factory=list)
     # internals reused by compare()/stratified gaps; not serialised
     data: EvalData | None = field(default=None, repr=False)
     metric_stats: dict[str, MetricStats] = field(default_factory=dict, repr=False)
@@ -223,6 +250,8 @@ class FairnessResult:
             "ci": {"overall": self.ci["overall"], "groups": self.ci["groups"], "gap": self.ci["gap"],
                    "es": self.ci["es" if self.es_variant == "maxmin" else "es_fairclip"]},
             "skipped_metrics": self.skipped,
+            **({"signed_gap": self.signed_gap} if self.signed_gap else {}),
+            **({"p_all_groups_equal": self.p_all_equal} if self.p_all_equal else {}),
             **({"stratified": self.stratified} if self.stratified else {}),
         }
 
@@ -257,13 +286,20 @@ def evaluate_predictions(predictions: Sequence[dict] | str | os.PathLike | EvalD
                          es_variant: str = "maxmin", intersections: bool = False, labels=None,
                          metrics: Sequence[str] | None = None, scorers: Sequence[Any] = (),
                          bootstrap: str = "iid", run: str = "fairllava", stratified: bool = False,
-                         stratified_n_min: int = 30, progress: bool = False) -> FairnessResult:
+                         stratified_n_min: int = 30, progress: bool = False, directions: Sequence[Any] = (),
+                         rate_labels: Sequence[str] = (), cluster: bool | str = "auto", n_perm: int = 1000,
+                         ci_method: str = "bca") -> FairnessResult:
     """Score predictions overall and per group, with gaps, ES and percentile bootstrap CIs.
 
     ``attributes=None`` uses every attribute present; ``labels`` is a VQA label set (codes or a LabelSet);
     ``metrics`` restricts the metric list; ``scorers`` are clinical scorers (see fairllava.metrics.clinical);
     ``bootstrap`` is ``"iid"`` or ``"stratified"`` (by the attribute's groups); ``n_boot=0`` skips CIs.
+    ``directions`` (``"race=light>dark"`` or :class:`~fairllava.fairness.signed.Direction`) add signed gaps with a
+    ``ci_method`` CI and a permutation p (``n_perm``); ``rate_labels`` add ``fpr_<LABEL>`` metrics (VQA);
+    ``cluster="auto"`` resamples whole ``group_id`` clusters when the predictions carry them (False: iid).
+    Every attribute also gets a permutation p-value for "all groups equal" (``n_perm`` > 0).
     """
+    from .signed import as_direction, check_direction
     if es_variant not in ES_VARIANTS:
         raise ValueError(f"es_variant must be one of {ES_VARIANTS}, got {es_variant!r}")
     if bootstrap not in ("iid", "stratified"):
@@ -283,9 +319,17 @@ def evaluate_predictions(predictions: Sequence[dict] | str | os.PathLike | EvalD
     attr_values = {a: data.attributes[a] for a in attrs}
     if intersections and len(attrs) >= 2:
         attrs = attrs + add_intersections(attr_values, list(attrs))
-    mstats, skipped, extra = build_metrics(data, task, metrics, labels, scorers)
+    dirs = [as_direction(d) for d in directions]
+    for d in dirs:
+        if d.attribute not in attr_values:
+            raise FairllavaError(f"{data.source}: --direction {d.spec} names attribute {d.attribute!r}, which is not "
+                                 f"evaluated (attributes: {', '.join(attrs)})")
+        check_direction(d, attr_values, data.source)
+    mstats, skipped, extra = build_metrics(data, task, metrics, labels, scorers, rate_labels)
     gis = {a: group_index(a, attr_values[a], n_min) for a in attrs}
     ones = np.ones((1, data.n))
+    use_clusters = cluster is not False and cluster != "none" and data.group_ids is not None
+    clusters = cluster_inverse(data.group_ids) if use_clusters else None
 
     overall, ci_overall = {}, {}
     groups = {a: {g: {"n": int(len(gi.groups[g]))} for g in gi.groups} for a, gi in gis.items()}
@@ -304,7 +348,7 @@ def evaluate_predictions(predictions: Sequence[dict] | str | os.PathLike | EvalD
         if n_boot:
             strata = gi.strata() if (gi is not None and bootstrap == "stratified") else None
             boot = bootstrap_scores(lambda W: frame_scores(metric, W, gi), data.n, n_boot,
-                                    rng_for(seed, run, attr, m), strata)
+                                    rng_for(seed, run, attr, m), strata, clusters)
             replicates[(attr, m)] = {k: boot[k] for k in ("all", "gap", "es", "es_fairclip") if k in boot}
             bar.advance()
         if gi is None:
@@ -323,6 +367,8 @@ def evaluate_predictions(predictions: Sequence[dict] | str | os.PathLike | EvalD
         ci_es[attr][m] = percentile_ci(boot["es"]) if boot else None
         ci_esf[attr][m] = percentile_ci(boot["es_fairclip"]) if boot else None
     bar.close()
+    inference = _inference(data, mstats, gis, attr_values, dirs, extra.get("label"), use_clusters, n_boot, n_perm,
+                           seed, run, ci_method)
 
     per_sample = []
     for i, rid in enumerate(data.ids):
@@ -347,6 +393,18 @@ def evaluate_predictions(predictions: Sequence[dict] | str | os.PathLike | EvalD
         "missing_values": "excluded from that attribute's groups, counted in overall",
         "metrics": {m: dict(ms.meta, level=ms.level) for m, ms in mstats.items()},
         "skipped_metrics": skipped, "versions": _versions(),
+        "resampling": (f"cluster: whole group_id clusters ({len(set(data.group_ids))} clusters of {data.n} samples)"
+                       if use_clusters else "iid: samples (the predictions carry no group_id)"),
+        "max_min_gap_note": "the max-min gap is never negative, so its bootstrap CI is biased upward near 0 and "
+                            "essentially never contains 0; use signed_gap (direction fixed in advance) and "
+                            "p_all_groups_equal for inference",
+        "signed_gap": {"definition": "M(advantaged) - M(disadvantaged); for lower-is-better rates the reverse, so > 0 "
+                                     "means the disadvantaged group is worse off",
+                       "ci": f"{ci_method} bootstrap stratified by group over units", "n_permutations": n_perm,
+                       "p_value": "two-sided permutation of group labels among units within task-label strata; "
+                                  "p_one_sided: H1 signed gap > 0",
+                       "directions": [d.to_dict() for d in dirs]},
+        "p_all_groups_equal": "permutation of group labels among units (within task-label strata), statistic max-min",
     }
     log.info("evaluated %d samples, %d metrics, %d attributes", data.n, len(mstats), len(attrs))
     res = FairnessResult(
@@ -355,12 +413,35 @@ def evaluate_predictions(predictions: Sequence[dict] | str | os.PathLike | EvalD
         n_missing={a: gi.n_missing for a, gi in gis.items()},
         ci={"overall": ci_overall, "groups": ci_groups, "gap": ci_gap, "es": ci_es, "es_fairclip": ci_esf},
         es_variant=es_variant, n=data.n, per_sample=per_sample, meta=meta, skipped=skipped,
-        data=data, metric_stats=mstats, group_index=gis, replicates=replicates, attribute_values=attr_values)
+        data=data, metric_stats=mstats, group_index=gis, replicates=replicates, attribute_values=attr_values,
+        signed_gap=inference[0], p_all_equal=inference[1], directions=dirs)
     if stratified and len([a for a in attrs if "&" not in a]) >= 2:
         from .stratified import stratified_gaps
 
         res.stratified = stratified_gaps(res, n_min=stratified_n_min)
     return res
+
+
+def _inference(data: EvalData, mstats: dict, gis: dict, attr_values: dict, dirs: list, labels, use_clusters: bool,
+               n_boot: int, n_perm: int, seed: int, run: str, ci_method: str) -> tuple[dict, dict]:
+    """Signed gaps for every direction x metric and the all-groups-equal permutation p for every attribute x metric."""
+    from .permutation import all_groups_equal_pvalue
+    from .signed import signed_gap
+
+    clusters = data.group_ids if use_clusters else None
+    signed: dict = {}
+    for d in dirs:
+        cells = signed.setdefault(d.attribute, {})
+        for m, ms in mstats.items():
+            cells[m] = signed_gap(ms, attr_values[d.attribute], d, clusters=clusters, labels=labels, n_boot=n_boot,
+                                  n_perm=n_perm, seed=seed, ci_method=ci_method, run=run)
+    p_equal: dict = {}
+    if n_perm:
+        for a, gi in gis.items():
+            p_equal[a] = {m: all_groups_equal_pvalue(ms, attr_values[a], gi.eligible, clusters=clusters, labels=labels,
+                                                     n_perm=n_perm, rng=rng_for(seed, run, a, f"{m}:all-equal"))
+                          for m, ms in mstats.items()}
+    return signed, p_equal
 
 
 class _NullBar:
