@@ -76,6 +76,16 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def discard_checkpoints(run_dir: str | os.PathLike) -> None:
+    """Rename complete checkpoints to ``.failed-checkpoint-*`` (kept, but no longer complete or resumable).
+
+    For runs stopped by a configuration check (``fairness.on_dead_dac: error``): their checkpoints are valid
+    states of a run that must not be continued or used as a result.
+    """
+    for _, p in list_checkpoints(run_dir):
+        os.replace(p, p.parent / f".failed-{p.name}")
+
+
 def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
 

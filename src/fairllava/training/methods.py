@@ -255,6 +255,9 @@ class FairLLaVAMethod(Method):
         self.module = regularizer if self.update_mode == "joint" else None
         self.dac_optimizer: Optional[torch.optim.Optimizer] = None
         self._indices: Optional[list[int]] = None
+        # fairness.penalty_grad_clip/ratio: the penalty goes to aux["penalty_loss"] for its own clipping (budget.py)
+        self.separate_penalty = bool(getattr(fairness_config, "separate_penalty_budget", False))
+        self.strata_by_id: Optional[Mapping[str, int]] = None  # derived strata (mi_strata_source: chexpert_rules)
 
     def hidden_indices(self, n_hidden_states: int) -> list[int]:
         self._indices = list(self.regularizer.layer_indices(n_hidden_states))
@@ -273,6 +276,13 @@ class FairLLaVAMethod(Method):
         )
         return self.dac_optimizer
 
+    def _strata(self, batch) -> Optional[torch.Tensor]:
+        """Conditioning strata: the collated task labels, or ids looked up in ``strata_by_id`` (derived labels)."""
+        if self.strata_by_id is None:
+            return batch.get("task_labels")
+        return torch.tensor([self.strata_by_id.get(i, IGNORE_INDEX) for i in batch["ids"]], dtype=torch.long,
+                            device=batch["attention_mask"].device)
+
     def _labels(self, batch) -> dict:
         """Only the regularised attributes: the data may carry more (e.g. for evaluation or resampling)."""
         return {a: batch["attr_labels"][a] for a in self.regularizer.cfg.attribute_names}
@@ -285,9 +295,12 @@ class FairLLaVAMethod(Method):
         mask = reg.select_tokens(batch["attention_mask"], batch["image_mask"])
         if self.update_mode == "joint":
             out = reg(hidden_states=states, token_mask=mask, labels=self._labels(batch), step=step,
-                      strata=batch.get("task_labels"))
+                      strata=self._strata(batch))
             logs.update({k: float(v) for k, v in out["logs"].items()})
             logs["fair_loss"] = _f(out["loss"])
+            if self.separate_penalty:
+                return StepOutput(self.ce_loss_weight * lm + out["dac_term"], logs,
+                                  aux={"penalty_loss": out["penalty_loss"]})
             return StepOutput(self.ce_loss_weight * lm + out["loss"], logs)
         z, rows = reg.pool(states, mask)
         return StepOutput(self.ce_loss_weight * lm, logs, aux={"z": z, "rows": rows})
@@ -299,12 +312,15 @@ class FairLLaVAMethod(Method):
             raise RuntimeError("alternating mode: make_dac_optimizer() was not called")
         z, rows = out.aux["z"], out.aux["rows"]
         labels = self._labels(batch)
-        dac = self.regularizer.dac_update(z.detach(), labels, self.dac_optimizer, self.n_dac_steps, row_index=rows)
-        pen = self.regularizer.penalty(z, labels, step=step, row_index=rows, strata=batch.get("task_labels"))
+        dac = self.regularizer.dac_update(z.detach(), labels, self.dac_optimizer, self.n_dac_steps, row_index=rows,
+                                          step=step)
+        pen = self.regularizer.penalty(z, labels, step=step, row_index=rows, strata=self._strata(batch))
         logs = dict(out.logs)
         for src in (dac.get("logs", {}), pen.get("logs", {})):
             logs.update({k: float(v) for k, v in src.items()})
         logs["fair_loss"] = _f(pen["loss"])
+        if self.separate_penalty:
+            return StepOutput(out.loss, logs, aux={"penalty_loss": pen["loss"]})
         return StepOutput(out.loss + pen["loss"], logs)
 
 
