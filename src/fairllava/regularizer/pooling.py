@@ -124,14 +124,16 @@ def pool(
     empty = ~mask.any(dim=1)
     if bool(empty.any()):
         raise ValueError(f"token_mask selects no token in batch row {int(empty.nonzero()[0, 0])}")
+    # z is fp32 whatever the model's dtype (bf16 sums of hundreds of tokens lose ~3 digits); the gather of the
+    # token modes casts only the selected rows.
     if pooling == "masked_mean":
-        m = mask.to(hidden_states[0].dtype)[:, :, None]
+        m = mask.to(torch.float32)[:, :, None]
         denom = m.sum(dim=1)
-        z = sum((h * m).sum(dim=1) / denom for h in hidden_states) / len(hidden_states)
+        z = sum((h.float() * m).sum(dim=1) / denom for h in hidden_states) / len(hidden_states)
         rows = torch.arange(shape[0], device=mask.device)
     else:
         rows, cols = pool_indices(mask, pooling, generator, max_tokens_per_sample)
-        z = sum(h[rows, cols] for h in hidden_states) / len(hidden_states)
+        z = sum(h[rows, cols].float() for h in hidden_states) / len(hidden_states)
     if l2_normalize:
         z = F.normalize(z, dim=-1)
     return z, rows
