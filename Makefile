@@ -39,3 +39,13 @@ clean:
 # Re-run the default demo and write its results table into README.md (between the demo-results markers).
 results: $(STAMP)
 	$(VENV)/bin/fairllava demo --out demo_out --update-readme README.md $(DEMO_ARGS)
+
+# The paper-scale device check (bench/gpu_check.py, docs/gpu.md). On a GPU machine it runs with the system python
+# (no .venv needed; it pip-installs the working tree with --no-deps). gpu-check-tiny: the same script on the CPU.
+.PHONY: gpu-check gpu-check-tiny
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-check-tiny:
+	$(GPU_PY) bench/gpu_check.py --tiny --no-install $(GPU_CHECK_ARGS)
