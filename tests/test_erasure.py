@@ -239,3 +239,21 @@ def test_erasure_config_validation():
         load_config(None, base + ["erasure.mode=within"], preset_name="cpu")
     cfg = load_config(None, base + ["erasure.attributes=[sex]"], preset_name="cpu")
     assert cfg.erasure.attributes == ["sex"] and cfg.erasure.mode == "conditional"
+
+
+def test_resume_reuses_the_checkpoints_eraser_instead_of_refitting(run, tmp_path):
+    import shutil
+
+    from fairllava.training import checkpoint as ck
+
+    data, out, trainer = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    (copy / "run.json").unlink()
+    last = ck.latest_checkpoint(copy)
+    fitted, meta = load_eraser(last / ERASER_FILE)
+    marker = FeatureEraser(fitted.proj_left * 2, fitted.proj_right, fitted.bias)  # not what a refit would give
+    save_eraser(marker, last / ERASER_FILE, meta)
+    cfg = load_config(copy / "config.yaml", [f"output_dir={copy}"])
+    FairTrainer(cfg, resume=True).train()
+    assert torch.equal(load_eraser(copy / ERASER_FILE)[0].proj_left, marker.proj_left)
