@@ -10,7 +10,7 @@ import sys
 from ._app import app, console
 
 # Importing the modules registers their commands.
-from . import data_cmds, eval_cmds, train_cmds, model_cmds, demo_cmds, audit_cmds  # noqa: E402,F401
+from . import data_cmds, eval_cmds, train_cmds, model_cmds, demo_cmds, audit_cmds, benchmark_cmds  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,150 @@
+"""The leaderboard: every method x task x strength of a results folder, pooled over seeds, vs the baseline.
+
+Why recomputed from predictions: the numbers must follow from the runs' prediction files alone (tested), with
+one statistics path for every method (``stats.py``). Only finished runs count: a run folder whose files
+changed after its ``DONE.json`` is listed as corrupt, by path, and never aggregated.
+
+Per row: overall and per-group values of the primary and secondary metrics, the signed gap (advantaged −
+disadvantaged; > 0 = the minority is worse off) and ES, the shortcut signature (minority false-positive rate
+of the shortcut label), each pooled over seeds with a CI; the paired effect vs the baseline with a
+permutation p-value, Holm-adjusted over the plan's primary family; the within-label leakage probe; a
+computed verdict.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+from .manifest import check_done
+from .plan import Plan
+from .runner import Step, data_dir, load_folder_plan, plan_steps
+from .stats import SIGNATURE, load_seed, paired_effect, pooled, shortcut_target
+
+LEADERBOARD_VERSION = 1
+SECONDARY = {"derm-vqa": ["macro_f1"], "cxr-report": ["bleu4", "keyword_f1_macro_14"]}
+
+
+def metrics_for(plan: Plan, task: str) -> list[str]:
+    primary = plan.primary_metric(task)
+    return [primary] + [m for m in SECONDARY[task] if m != primary] + [SIGNATURE]
+
+
+def final_split(plan: Plan) -> str:
+    return "test" if "test" in plan.splits else plan.splits[0]
+
+
+def scan_runs(plan: Plan, out: Path) -> tuple[list[Step], list[dict], list[str]]:
+    """(finished run steps, corrupt runs {path, reason}, missing run ids)."""
+    ok, corrupt, missing = [], [], []
+    for s in plan_steps(plan):
+        if s.kind != "run":
+            continue
+        state, why = check_done(s.folder(out))
+        if state == "ok":
+            ok.append(s)
+        elif state == "corrupt":
+            corrupt.append({"path": str(s.folder(out)), "reason": why})
+        else:
+            missing.append(s.id)
+    return ok, corrupt, missing
+
+
+def _direction(card: dict, attribute: str) -> tuple[str, str]:
+    minority = card["shortcut"]["minority"]
+    classes = card["attributes"][attribute]["classes"]
+    return next(c for c in classes if c != minority), minority
+
+
+def build_leaderboard(out: str | Path, log: Callable[[str], None] = print) -> dict:
+    """Aggregate the finished runs of a results folder into the leaderboard dict (``leaderboard.json``)."""
+    from .verdict import apply_family
+
+    out = Path(out)
+    plan = load_folder_plan(out)
+    identity = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
+    ok, corrupt, missing = scan_runs(plan, out)
+    for c in corrupt:
+        log(f"corrupt run folder {c['path']} ({c['reason']}): left out of the leaderboard; "
+            "`fairllava benchmark run` re-runs it")
+    ev = plan.evaluation
+    cache: dict = {}
+
+    def seed_data(s: Step):
+        if s not in cache:
+            data = data_dir(out, s.task, s.seed, s.strength)
+            card = json.loads((data / "datacard.json").read_text(encoding="utf-8"))
+            cache[s] = (load_seed(s.folder(out) / "generate" / "predictions.jsonl", data / f"{s.split}.jsonl", card,
+                                  s.task, plan.attribute, metrics_for(plan, s.task), s.seed), card)
+        return cache[s]
+
+    rows = []
+    cells = sorted({(s.task, s.strength, s.split) for s in ok}, key=lambda c: (list(plan.tasks).index(c[0]), -c[1], c[2]))
+    for task, strength, split in cells:
+        by_variant: dict[str, list[Step]] = {}
+        for s in ok:
+            if (s.task, s.strength, s.split) == (task, strength, split):
+                by_variant.setdefault(s.variant, []).append(s)
+        first = next(iter(by_variant.values()))[0]
+        card = seed_data(first)[1]
+        direction = _direction(card, plan.attribute)
+        base_steps = {s.seed: s for s in by_variant.get(plan.baseline, [])}
+        for variant in [v for v in plan.method_variants() if v in by_variant]:
+            steps = sorted(by_variant[variant], key=lambda s: s.seed)
+            key = f"{task}/{strength}/{split}/{variant}"
+            row = {"task": task, "strength": strength, "split": split, "method": variant,
+                   "entry": plan.method_variants()[variant][0], "seeds": [s.seed for s in steps],
+                   "primary_metric": plan.primary_metric(task), "direction": {"advantaged": direction[0],
+                                                                             "disadvantaged": direction[1]},
+                   "signature_label": shortcut_target(card), "metrics": {}, "vs_baseline": None, "leakage": None}
+            seeds = [seed_data(s)[0] for s in steps]
+            for m in metrics_for(plan, task):
+                kw = dict(n_boot=ev.n_boot, seed=0, level=ev.level, key=key)
+                row["metrics"][m] = {
+                    "overall": pooled(seeds, m, "overall", direction, **kw),
+                    "groups": {g: pooled(seeds, m, f"group:{g}", direction, **kw) for g in direction},
+                    "signed_gap": pooled(seeds, m, "signed_gap", direction, n_perm=ev.n_perm, **kw),
+                    "es": pooled(seeds, m, "es", direction, **kw),
+                }
+            if variant != plan.baseline:
+                common = [s for s in steps if s.seed in base_steps]
+                if common:
+                    b = [seed_data(base_steps[s.seed])[0] for s in common]
+                    mm = [seed_data(s)[0] for s in common]
+                    row["vs_baseline"] = {"baseline": plan.baseline, "seeds": [s.seed for s in common], "metrics": {}}
+                    for m in metrics_for(plan, task):
+                        kw = dict(n_boot=ev.n_boot, n_perm=ev.n_perm, seed=0, level=ev.level, key=key + "/paired")
+                        row["vs_baseline"]["metrics"][m] = {
+                            q: paired_effect(b, mm, m, q, direction, **kw)
+                            for q in ("signed_gap", "overall", f"group:{direction[0]}", f"group:{direction[1]}")}
+            if plan.audit.enabled:
+                row["leakage"] = _leakage([s.folder(out) / "audit" / "audit.json" for s in steps])
+            rows.append(row)
+    board = {"version": LEADERBOARD_VERSION, "plan_name": plan.name, "plan_hash": identity["plan_hash"],
+             "code": identity["code"], "plan": identity["plan"], "baseline": plan.baseline,
+             "final_split": final_split(plan), "alpha": ev.alpha,
+             "partial": bool(missing or corrupt),
+             "runs": {"finished": len(ok), "missing": len(missing), "corrupt": len(corrupt),
+                      "total": len(ok) + len(missing) + len(corrupt)},
+             "corrupt": corrupt, "rows": rows}
+    apply_family(board, plan)
+    return board
+
+
+def _leakage(paths: list[Path]) -> Optional[dict]:
+    """Within-label probe balanced accuracy (percent) at index 0 and at the regularised layer, mean over seeds."""
+    audits = [json.loads(p.read_text(encoding="utf-8")) for p in paths if p.is_file()]
+    if not audits:
+        return None
+    out = {"regularised_layer": audits[0]["regularised_layer"], "chance": audits[0]["chance"], "n_seeds": len(audits)}
+    for name, layer_of in (("index0", lambda a: "0"), ("regularised", lambda a: str(a["regularised_layer"]))):
+        vals = [a["per_layer"][layer_of(a)] for a in audits if layer_of(a) in a["per_layer"]]
+        out[name] = {k: (sum(v[k] for v in vals) / len(vals) if vals and all(v[k] is not None for v in vals) else None)
+                     for k in ("within_label", "marginal")}
+    return out
+
+
+def find_row(board: dict, task: str, strength: float, method: str, split: Optional[str] = None) -> Optional[dict]:
+    split = split or board["final_split"]
+    return next((r for r in board["rows"] if (r["task"], r["strength"], r["method"], r["split"]) ==
+                 (task, float(strength), method, split)), None)

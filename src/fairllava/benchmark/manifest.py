@@ -1,0 +1,111 @@
+"""Completion markers with content hashes, and the code version a results folder was made with.
+
+Why: a sweep runs for hours across sessions and may be killed at any point. A step is *finished* only when
+its ``DONE.json`` exists; that file is written atomically, last, and lists the SHA-256 of every file in the
+step's folder, so a folder whose files were changed, truncated or deleted afterwards is detected (reported
+by path and re-run), never aggregated.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from ..io import atomic_write_json
+
+DONE = "DONE.json"
+#: Package parts that only format or display results: changing them does not invalidate finished runs.
+NOT_RESULT_CODE = ("cli", "report", "benchmark/leaderboard.py", "benchmark/report.py", "benchmark/stats.py",
+                   "benchmark/verdict.py", "progress.py", "demo.py")
+
+_CODE: Optional[dict] = None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    """``relative path -> sha256`` of every file under ``folder`` except the marker itself."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != DONE and "__pycache__" not in p.parts:
+            out[p.relative_to(folder).as_posix()] = file_sha256(p)
+    return out
+
+
+def write_done(folder: Path, info: dict) -> dict:
+    """Hash the folder's files and write ``DONE.json`` atomically (the step is finished from here on)."""
+    marker = {**info, "files": folder_hashes(folder)}
+    atomic_write_json(folder / DONE, marker)
+    return marker
+
+
+def check_done(folder: Path) -> tuple[str, str]:
+    """``("missing" | "incomplete" | "ok" | "corrupt", reason)`` for a step folder."""
+    marker = folder / DONE
+    if not marker.is_file():
+        return ("incomplete", "no DONE.json") if folder.exists() else ("missing", "")
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError):
+        return "corrupt", f"{marker.name} is unreadable"
+    for rel, digest in files.items():
+        p = folder / rel
+        if not p.is_file():
+            return "corrupt", f"{rel} is missing"
+        if file_sha256(p) != digest:
+            return "corrupt", f"{rel} changed after the run finished"
+    return "ok", ""
+
+
+def read_done(folder: Path) -> dict:
+    return json.loads((folder / DONE).read_text(encoding="utf-8"))
+
+
+def _git(root: Path, *args: str) -> Optional[str]:
+    try:
+        res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def code_version() -> dict:
+    """The code that makes results: a hash of the package's source (minus display-only parts) and the git
+    commit that last changed it. Why a hash and not HEAD: committing a partial leaderboard moves HEAD but
+    changes no result, while an uncommitted edit of the trainer changes results but not HEAD."""
+    global _CODE
+    if _CODE is None:
+        import fairllava
+
+        root = Path(fairllava.__file__).resolve().parent
+        h = hashlib.sha256()
+        for p in sorted(root.rglob("*")):
+            rel = p.relative_to(root).as_posix()
+            if not p.is_file() or p.suffix not in (".py", ".yaml", ".json") or "__pycache__" in rel:
+                continue
+            if any(rel == x or rel.startswith(x + "/") for x in NOT_RESULT_CODE):
+                continue
+            h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
+        status = _git(root, "status", "--porcelain", "--", ".")
+        _CODE = {"code_hash": h.hexdigest()[:16], "commit": _git(root, "log", "-1", "--format=%H", "--", "."),
+                 "head": _git(root, "rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,
+                 "package_version": getattr(fairllava, "__version__", None)}
+    return dict(_CODE)
+
+
+def threads_env(threads: int) -> dict:
+    """Environment for a worker process that must use ``threads`` CPU threads."""
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[k] = str(threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env

@@ -1,0 +1,211 @@
+"""Leaderboard files: ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard.html`` (with plots), ``leaderboard.json``.
+
+All four come from one leaderboard dict (leaderboard.py); the markdown and HTML walk one block list
+(``fairllava.report.document``), so they say the same thing. The headline markdown is also what the README
+and the demo show.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+from ..io import atomic_path, atomic_write_json, atomic_write_text
+from ..report.document import Figure, Heading, Para, Table
+
+FILES = ("leaderboard.md", "leaderboard.csv", "leaderboard.html", "leaderboard.json")
+
+
+def _v(cell: Optional[dict], digits: int = 1, ci: bool = True) -> str:
+    if not cell or cell.get("value") is None:
+        return "–"
+    s = f"{cell['value']:.{digits}f}"
+    if ci and cell.get("ci"):
+        s += f" [{cell['ci'][0]:.{digits}f}, {cell['ci'][1]:.{digits}f}]"
+    return s
+
+
+def _p(p: Optional[float]) -> str:
+    return "–" if p is None else f"{p:.3g}"
+
+
+def cell_rows(board: dict, task: str, strength: float, split: str) -> list[dict]:
+    return [r for r in board["rows"] if (r["task"], r["strength"], r["split"]) == (task, strength, split)]
+
+
+def cells(board: dict) -> list[tuple[str, float, str]]:
+    seen: list = []
+    for r in board["rows"]:
+        c = (r["task"], r["strength"], r["split"])
+        if c not in seen:
+            seen.append(c)
+    return seen
+
+
+def cell_table(board: dict, task: str, strength: float, split: str) -> Table:
+    from .stats import SIGNATURE
+
+    rows = cell_rows(board, task, strength, split)
+    adv, dis = rows[0]["direction"]["advantaged"], rows[0]["direction"]["disadvantaged"]
+    m = rows[0]["primary_metric"]
+    head = ["method", "seeds", f"{m} overall", adv, dis, f"signed gap {adv}−{dis}", "p (gap = 0)", "ES",
+            f"{rows[0]['signature_label']} FPR {dis} / {adv}", f"gap reduction vs {board['baseline']}", "p", "verdict"]
+    leak = any(r.get("leakage") for r in rows)
+    if leak:
+        head += ["probe@0 within-label", "probe@reg within-label"]
+    body = []
+    for r in rows:
+        mm, sig = r["metrics"][m], r["metrics"][SIGNATURE]
+        v = r.get("verdict")
+        line = [r["method"], len(r["seeds"]), _v(mm["overall"]), _v(mm["groups"][adv]), _v(mm["groups"][dis]),
+                _v(mm["signed_gap"]), _p(mm["signed_gap"]["p_value"]), _v(mm["es"], ci=False),
+                f"{_v(sig['groups'][dis], 0, False)} / {_v(sig['groups'][adv], 0, False)}",
+                "–" if not v else _v({"value": v["reduction"], "ci": v["reduction_ci"]}),
+                "–" if not v else (_p(v["p"]) + (" (Holm)" if v["adjusted"] else "")),
+                "baseline" if r["method"] == board["baseline"] else
+                ("–" if not v else v["label"] + (", levelled down" if v["levelled_down"] else ""))]
+        if leak:
+            lk = r.get("leakage") or {}
+            line += [_num((lk.get("index0") or {}).get("within_label")),
+                     _num((lk.get("regularised") or {}).get("within_label"))
+                     + (f" (index {lk['regularised_layer']})" if lk else "")]
+        body.append(line)
+    return Table(head, body)
+
+
+def _num(v) -> str:
+    return "–" if v is None else f"{v:.1f}"
+
+
+def headline_markdown(board: dict, title: Optional[str] = None) -> str:
+    """The headline tables (primary endpoint, every cell) and the verdict lines: the README / demo block."""
+    from ..report.markdown import render_markdown
+
+    blocks = []
+    for task, strength, split in cells(board):
+        blocks.append(Para(f"**{task}, S = {strength:g}, {split} split**"))
+        blocks.append(cell_table(board, task, strength, split))
+    lines = [r["verdict"]["text"] for r in board["rows"] if r.get("verdict")]
+    md = (f"{title}\n\n" if title else "") + render_markdown(blocks)
+    if lines:
+        md += "\n" + "\n".join(f"- {t}" for t in lines) + "\n"
+    md += "\n" + provenance(board) + "\n"
+    return md
+
+
+def provenance(board: dict) -> str:
+    code = board["code"]
+    part = (f" **Partial**: {board['runs']['finished']} of {board['runs']['total']} runs finished"
+            + (f", {board['runs']['corrupt']} corrupt (left out)" if board["runs"]["corrupt"] else "") + "."
+            if board["partial"] else "")
+    return (f"Plan `{board['plan_name']}` (hash {board['plan_hash']}), code commit `{str(code.get('commit'))[:10]}` "
+            f"(code hash {code.get('code_hash')}{', uncommitted changes' if code.get('dirty') else ''}); "
+            f"primary family: {board['family']['size']} comparisons, Holm-adjusted, alpha {board['alpha']}.{part}")
+
+
+def _blocks(board: dict, figures: dict[str, bytes], markdown: bool) -> list:
+    from .stats import SIGNATURE
+
+    blocks: list = [Heading(f"Benchmark leaderboard: {board['plan_name']}", 1), Para(provenance(board))]
+    verdicts = [r["verdict"]["text"] for r in board["rows"] if r.get("verdict") and r["verdict"]["adjusted"]]
+    if verdicts:
+        blocks += [Heading("Verdicts on the primary endpoint"), *[Para("- " + t) for t in verdicts]]
+    for task, strength, split in cells(board):
+        blocks += [Heading(f"{task}, S = {strength:g}, {split} split"), cell_table(board, task, strength, split)]
+        rows = cell_rows(board, task, strength, split)
+        metrics = [m for m in rows[0]["metrics"] if m not in (rows[0]["primary_metric"], SIGNATURE)]
+        if metrics:
+            adv, dis = rows[0]["direction"]["advantaged"], rows[0]["direction"]["disadvantaged"]
+            blocks.append(Table(["method"] + [f"{m} {q}" for m in metrics for q in ("overall", f"gap {adv}−{dis}")],
+                                [[r["method"]] + [c for m in metrics for c in (_v(r["metrics"][m]["overall"]),
+                                                                                _v(r["metrics"][m]["signed_gap"]))]
+                                 for r in rows]))
+    for name, png in figures.items():
+        blocks.append(Para(f"![{name}]({name}.png)") if markdown else Figure(name, png))
+    if board["corrupt"]:
+        blocks += [Heading("Corrupt run folders (left out)"),
+                   Table(["path", "reason"], [[c["path"], c["reason"]] for c in board["corrupt"]])]
+    blocks += [Heading("Definitions"), Para(
+        "Values in percent, pooled over seeds (mean of per-seed values); CIs 95 %, two-level bootstrap (seeds, then "
+        "patients within seed, stratified by group). Signed gap = advantaged − disadvantaged group (for the "
+        "false-positive rate: disadvantaged − advantaged), so > 0 means the minority is worse off. p (gap = 0): "
+        "permutation of group labels among patients within label strata. Gap reduction = gap(baseline) − "
+        "gap(method) on the same test samples; p from swapping the two systems' outputs per patient. ES = "
+        "overall / (1 + |gap|). FPR = share of test cases without the shortcut label answered with it. Probe: "
+        "balanced accuracy of a linear probe of the attribute within each label (chance 50).")]
+    return blocks
+
+
+def figures(board: dict) -> dict[str, bytes]:
+    """One PNG per task: signed gap of the primary metric with its CI, per method and strength."""
+    from ..report.figures import _plt, _png
+
+    plt = _plt()
+    out = {}
+    for task in dict.fromkeys(r["task"] for r in board["rows"]):
+        cs = [c for c in cells(board) if c[0] == task]
+        fig, axes = plt.subplots(1, len(cs), figsize=(4.2 * len(cs), 0.45 * max(4, len(cell_rows(board, *cs[0]))) + 1.2),
+                                 squeeze=False)
+        for ax, (t, s, split) in zip(axes[0], cs):
+            rows = cell_rows(board, t, s, split)
+            m = rows[0]["primary_metric"]
+            vals = [r["metrics"][m]["signed_gap"] for r in rows]
+            y = list(range(len(rows)))[::-1]
+            x = [v["value"] if v["value"] is not None else float("nan") for v in vals]
+            lo = [max(0.0, xi - v["ci"][0]) if v["ci"] else 0.0 for xi, v in zip(x, vals)]
+            hi = [max(0.0, v["ci"][1] - xi) if v["ci"] else 0.0 for xi, v in zip(x, vals)]
+            ax.errorbar(x, y, xerr=[lo, hi], fmt="o", capsize=3)
+            ax.axvline(0, color="grey", ls="--", lw=1)
+            ax.set_yticks(y, [r["method"] for r in rows])
+            ax.set_title(f"{t}, S = {s:g} ({split})", fontsize=9)
+            ax.set_xlabel(f"signed {m} gap (points)")
+        out[f"leaderboard_{task}"] = _png(fig)
+    return out
+
+
+def csv_text(board: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["task", "strength", "split", "method", "seeds", "metric", "overall", "overall_lo", "overall_hi",
+                "advantaged", "advantaged_value", "disadvantaged", "disadvantaged_value", "signed_gap", "gap_lo",
+                "gap_hi", "gap_p", "es", "effect_vs_baseline", "effect_lo", "effect_hi", "effect_p", "holm_p",
+                "verdict", "levelled_down"])
+    for r in board["rows"]:
+        adv, dis = r["direction"]["advantaged"], r["direction"]["disadvantaged"]
+        for m, c in r["metrics"].items():
+            e = (r["vs_baseline"] or {}).get("metrics", {}).get(m, {}).get("signed_gap") if r["vs_baseline"] else None
+            ci = lambda d: (d or {}).get("ci") or [None, None]
+            primary = m == r["primary_metric"]
+            v = r.get("verdict") if primary else None
+            w.writerow([r["task"], r["strength"], r["split"], r["method"], " ".join(map(str, r["seeds"])), m,
+                        c["overall"]["value"], *ci(c["overall"]), adv, c["groups"][adv]["value"], dis,
+                        c["groups"][dis]["value"], c["signed_gap"]["value"], *ci(c["signed_gap"]),
+                        c["signed_gap"]["p_value"], c["es"]["value"], None if e is None else e["value"], *ci(e),
+                        None if e is None else e["p_value"], r.get("holm_p") if primary else None,
+                        v["label"] if v else None, v["levelled_down"] if v else None])
+    return buf.getvalue()
+
+
+def write_leaderboard(board: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write the four files (+ one PNG per task) into ``out_dir``; ``leaderboard.json`` last."""
+    from ..report.html import render_html
+    from ..report.markdown import render_markdown
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figs = figures(board) if board["rows"] else {}
+    for name, png in figs.items():
+        with atomic_path(out / f"{name}.png") as tmp:
+            tmp.write_bytes(png)
+    atomic_write_text(out / "leaderboard.md", render_markdown(_blocks(board, figs, markdown=True)))
+    atomic_write_text(out / "leaderboard.html", render_html(_blocks(board, figs, markdown=False),
+                                                            f"Benchmark leaderboard: {board['plan_name']}"))
+    atomic_write_text(out / "leaderboard.csv", csv_text(board))
+    atomic_write_json(out / "leaderboard.json", board)
+    return {f: out / f for f in FILES}
+
+
+def read_leaderboard(out_dir: str | Path) -> dict:
+    return json.loads((Path(out_dir) / "leaderboard.json").read_text(encoding="utf-8"))

@@ -1,0 +1,83 @@
+"""Holm adjustment over the declared primary family, and a computed one-line verdict per method.
+
+Why computed: a verdict typed by hand drifts from the numbers. The rule (docs/protocol.md):
+
+- endpoint: the signed gap of the task's primary metric; effect = gap reduction = gap(baseline) − gap(method),
+  pooled over seeds (paired, same test samples), with its CI and the permutation p-value;
+- family: every non-baseline method x task at the primary strength on the final split; Holm-adjusted;
+- **better** if the adjusted p < alpha and the gap shrank, **worse** if adjusted p < alpha and it grew,
+  otherwise **not distinguishable**;
+- **levelled down** when the gap shrank while the advantaged group's pooled value fell below the lower end of
+  the baseline's CI for that group (the gap closed by the advantaged group losing more than its CI).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .stats import holm
+
+
+def _neg_ci(ci: Optional[list]) -> Optional[list]:
+    return None if ci is None else [-ci[1], -ci[0]]
+
+
+def in_family(board: dict, plan, row: dict) -> bool:
+    methods = plan.primary.methods or [m for m in plan.methods if m != plan.baseline]
+    return (row["strength"] == float(plan.primary.strength) and row["split"] == board["final_split"]
+            and row["entry"] in methods and row["vs_baseline"] is not None)
+
+
+def apply_family(board: dict, plan) -> None:
+    """Add ``holm_p`` (family members), ``effect`` and ``verdict`` to every non-baseline row, in place."""
+    family = [r for r in board["rows"] if in_family(board, plan, r)]
+    adjusted = holm([r["vs_baseline"]["metrics"][r["primary_metric"]]["signed_gap"]["p_value"] for r in family])
+    for r, p in zip(family, adjusted):
+        r["holm_p"] = p
+    board["family"] = {"endpoint": "signed gap of each task's primary metric", "strength": float(plan.primary.strength),
+                       "split": board["final_split"], "size": len(family),
+                       "members": [f"{r['task']}/{r['method']}" for r in family], "correction": "holm"}
+    for r in board["rows"]:
+        if r["vs_baseline"] is None:
+            r["verdict"] = None
+            continue
+        base = next((b for b in board["rows"] if (b["task"], b["strength"], b["split"], b["method"]) ==
+                     (r["task"], r["strength"], r["split"], board["baseline"])), None)
+        r["verdict"] = verdict(r, base, board["alpha"], member=r in family)
+
+
+def verdict(row: dict, base: Optional[dict], alpha: float, member: bool) -> dict:
+    m = row["primary_metric"]
+    eff = row["vs_baseline"]["metrics"][m]["signed_gap"]
+    reduction = None if eff["value"] is None else -eff["value"]
+    p = row.get("holm_p") if member else eff["p_value"]
+    if p is not None and p < alpha and reduction is not None and reduction != 0:
+        label = "better" if reduction > 0 else "worse"
+    else:
+        label = "not distinguishable"
+    adv, dis = row["direction"]["advantaged"], row["direction"]["disadvantaged"]
+    levelled = False
+    drop = None
+    if base is not None and reduction is not None and reduction > 0:
+        b_ci = base["metrics"][m]["groups"][adv]["ci"]
+        mine = row["metrics"][m]["groups"][adv]["value"]
+        drop = row["vs_baseline"]["metrics"][m][f"group:{adv}"]["value"]
+        levelled = bool(b_ci and mine is not None and mine < b_ci[0])
+    ci = _neg_ci(eff["ci"])
+    gap_b = base["metrics"][m]["signed_gap"]["value"] if base else None
+    gap_m = row["metrics"][m]["signed_gap"]["value"]
+    p_name = "Holm-adjusted p" if member else "unadjusted p (not in the primary family)"
+    rel = "not distinguishable from" if label == "not distinguishable" else f"{label} than"
+    text = (f"{row['method']}: {rel} {row['vs_baseline']['baseline']} on {row['task']} (S = {row['strength']:g}, "
+            f"{len(row['vs_baseline']['seeds'])} seeds): signed {m} gap {adv}−{dis} {_f(gap_b)} → {_f(gap_m)}, "
+            f"reduction {_f(reduction, sign=True)} [{_f(ci[0]) if ci else '–'}, {_f(ci[1]) if ci else '–'}], "
+            f"{p_name} = {'–' if p is None else f'{p:.3g}'}")
+    if levelled:
+        text += f"; levelled down ({adv} {_f(drop, sign=True)} points, below the {row['vs_baseline']['baseline']} CI)"
+    return {"label": label, "reduction": reduction, "reduction_ci": ci, "p": p, "adjusted": member,
+            "levelled_down": levelled, "advantaged_change": drop, "text": text}
+
+
+def _f(v, sign: bool = False) -> str:
+    if v is None:
+        return "–"
+    return f"{v:+.1f}" if sign else f"{v:.1f}"

@@ -1,0 +1,73 @@
+"""CLI verbs: ``fairllava benchmark run|report|check`` — the pre-registered multi-seed comparison (docs/protocol.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._app import app, console
+
+benchmark_app = typer.Typer(help="Run a benchmark plan (resumable) and build its leaderboard.", no_args_is_help=True)
+app.add_typer(benchmark_app, name="benchmark")
+
+
+def _log(msg: str) -> None:
+    console.print(msg, highlight=False, markup=False, soft_wrap=True)
+
+
+@benchmark_app.command("check")
+def check_cmd(plan: Path = typer.Argument(..., help="Plan YAML (configs/benchmark/*.yaml).")) -> None:
+    """Validate a plan and list its steps without running anything."""
+    from ..benchmark.plan import load_plan
+    from ..benchmark.runner import plan_steps
+
+    p = load_plan(plan)
+    steps = plan_steps(p)
+    runs = [s for s in steps if s.kind == "run"]
+    typer.echo(f"{plan}: ok (hash {p.hash}); {len(steps)} steps, {len(runs)} runs: "
+               f"{len(p.tasks)} task(s) x methods {', '.join(p.method_variants())} x splits {', '.join(p.splits)}")
+
+
+@benchmark_app.command("run")
+def run_cmd(
+    plan: Path = typer.Argument(..., help="Plan YAML (configs/benchmark/*.yaml)."),
+    out: Path = typer.Option(..., "--out", help="Results folder (resumable: finished runs are never redone)."),
+    jobs: int = typer.Option(1, "--jobs", help="Runs at a time, each in its own worker process."),
+    threads_per_job: Optional[int] = typer.Option(None, "--threads-per-job",
+                                                  help="CPU threads per run (default: all cores / jobs)."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write the leaderboard into --out at the end."),
+) -> None:
+    """Run (or resume) every (task, strength, seed, method, split) of a plan, then write the leaderboard."""
+    from ..benchmark.plan import load_plan
+    from ..benchmark.runner import run_sweep
+
+    p = load_plan(plan)  # every plan error before any run
+    res = run_sweep(p, out, jobs=jobs, threads=threads_per_job, plan_text=plan.read_text(encoding="utf-8"), log=_log)
+    _log(f"{len(res.ran)} step(s) run, {len(res.done)} already finished, {len(res.rerun_corrupt)} corrupt re-run "
+         f"({res.seconds / 60:.1f} min)")
+    if report:
+        _report(out, out)
+
+
+@benchmark_app.command("report")
+def report_cmd(
+    results: Path = typer.Argument(..., help="Results folder of `fairllava benchmark run`."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Folder for the leaderboard files (default: the results folder)."),
+) -> None:
+    """Leaderboard (markdown, CSV, HTML with plots, JSON) from the finished runs of a results folder."""
+    _report(results, to or results)
+
+
+def _report(results: Path, to: Path) -> None:
+    from ..benchmark.leaderboard import build_leaderboard
+    from ..benchmark.report import write_leaderboard
+
+    board = build_leaderboard(results, log=_log)
+    files = write_leaderboard(board, to)
+    for r in board["rows"]:
+        if r.get("verdict") and r["verdict"]["adjusted"]:
+            _log("  " + r["verdict"]["text"])
+    state = (f"partial: {board['runs']['finished']} of {board['runs']['total']} runs" if board["partial"]
+             else f"{board['runs']['finished']} runs")
+    _log(f"leaderboard ({state}): {', '.join(str(f) for f in files.values())}")

@@ -1,0 +1,224 @@
+"""`fairllava benchmark` on the smoke plan: a full sweep, SIGKILL + resume, corrupt run folders, a leaderboard
+that recomputes from the prediction files, and bad plans rejected before any run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fairllava.benchmark.leaderboard import build_leaderboard
+from fairllava.benchmark.manifest import read_done, write_done
+from fairllava.benchmark.plan import load_plan, plan_from_dict
+from fairllava.benchmark.report import FILES, write_leaderboard
+from fairllava.benchmark.runner import run_sweep
+from fairllava.errors import FairllavaError
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "benchmark" / "smoke.yaml"
+
+
+def _sweep(out: Path, plan=None):
+    logs: list[str] = []
+    res = run_sweep(plan or load_plan(SMOKE), out, threads=1, progress=False, log=logs.append)
+    return res, logs
+
+
+def _board(out: Path) -> dict:
+    return json.loads(json.dumps(build_leaderboard(out, log=lambda m: None)))
+
+
+def _run_dirs(out: Path) -> list[Path]:
+    return sorted(p.parent for p in (out / "runs").glob("*/*/*/*/*/DONE.json"))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "a"
+    t0 = time.perf_counter()
+    res, _ = _sweep(out)
+    seconds = time.perf_counter() - t0
+    board = build_leaderboard(out, log=lambda m: None)
+    write_leaderboard(board, out)
+    return out, json.loads(json.dumps(board)), res, seconds
+
+
+def test_smoke_sweep_runs_every_step_and_writes_the_leaderboard(sweep):
+    out, board, res, seconds = sweep
+    assert len(res.ran) == 14 and res.done == [] and res.rerun_corrupt == []
+    assert {r["method"] for r in board["rows"]} == {"lora", "fairllava", "reweight"}
+    assert all(r["seeds"] == [2, 3] and r["split"] == "test" for r in board["rows"])
+    assert not board["partial"] and board["runs"] == {"finished": 6, "missing": 0, "corrupt": 0, "total": 6}
+    assert board["family"]["size"] == 2 and all(r["verdict"]["adjusted"] for r in board["rows"] if r["method"] != "lora")
+    assert board["plan_hash"] == load_plan(SMOKE).hash and board["code"]["code_hash"]
+    for f in FILES:
+        assert (out / f).is_file()
+    assert "<img" in (out / "leaderboard.html").read_text() and (out / "leaderboard_derm-vqa.png").is_file()
+    assert len((out / "leaderboard.csv").read_text().splitlines()) == 1 + 3 * 3  # methods x (2 metrics + signature)
+    for run in _run_dirs(out):
+        assert {p.name for p in run.iterdir()} == {"train", "generate", "evaluate", "audit", "DONE.json"}
+        assert not (run / "train" / "checkpoints").exists()
+    assert all(r["leakage"]["index0"]["within_label"] is not None for r in board["rows"])
+    print(f"smoke sweep: {seconds:.1f} s")
+
+
+def test_sigkill_mid_sweep_then_resume_keeps_finished_runs_and_equals_an_uninterrupted_sweep(sweep, tmp_path):
+    _, board_a, _, _ = sweep
+    out = tmp_path / "b"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FAIRLLAVA_PROGRESS="off", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    log = open(tmp_path / "killed.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "fairllava", "benchmark", "run", str(SMOKE), "--out", str(out),
+                             "--threads-per-job", "1", "--no-report"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (out / "runs").exists() and _run_dirs(out):
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+    finished = _run_dirs(out)
+    assert finished, f"no run finished before the kill: {(tmp_path / 'killed.log').read_text()[-2000:]}"
+    assert len(finished) < 6, "the sweep ended before it was killed; nothing was resumed"
+    snapshot = {p: (p.read_bytes(), p.stat().st_mtime_ns) for d in finished for p in d.rglob("*") if p.is_file()}
+    res, logs = _sweep(out)
+    assert {str(d.relative_to(out)) for d in finished} <= set(res.done)
+    for p, (data, mtime) in snapshot.items():
+        assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime, f"{p} was redone"
+    assert _board(out) == board_a
+
+    # a finished run whose files change afterwards is reported by path, left out, then re-run
+    victim = finished[0]
+    preds = victim / "generate" / "predictions.jsonl"
+    preds.write_text(preds.read_text().replace('"prediction": "', '"prediction": "x', 1))
+    seen: list[str] = []
+    board = json.loads(json.dumps(build_leaderboard(out, log=seen.append)))
+    assert board["partial"] and board["corrupt"][0]["path"] == str(victim)
+    assert any(str(victim) in m for m in seen)
+    row = next(r for r in board["rows"] if r["method"] == victim.parent.name)
+    assert int(victim.parent.parent.name[4:]) not in row["seeds"]
+    res, logs = _sweep(out)
+    assert res.rerun_corrupt == [str(victim.relative_to(out))] and any(f"corrupt run folder {victim}" in m for m in logs)
+    assert _board(out) == board_a
+
+
+def _fake_predictions(out: Path) -> None:
+    """Replace every run's answers by seeded draws whose accuracy depends on method and group, and re-seal the
+    runs: the leaderboard must follow the files, whatever they contain."""
+    from fairllava.benchmark.derm import DERM_ANSWERS
+    from fairllava.io import atomic_write_jsonl, read_jsonl
+
+    p_right = {"lora": {"light": 0.8, "dark": 0.4}, "fairllava": {"light": 0.7, "dark": 0.65},
+               "reweight": {"light": 0.75, "dark": 0.45}}
+    for run in _run_dirs(out):
+        method, seed = run.parent.name, int(run.parent.parent.name[4:])
+        rng = np.random.default_rng([seed, len(method)])
+        rows = read_jsonl(run / "generate" / "predictions.jsonl")
+        for r in rows:
+            right = rng.random() < p_right[method][r["attributes"]["race"]]
+            wrong = "MEL" if r["label"] != "MEL" else "NV"
+            r["prediction"] = DERM_ANSWERS[r["label"] if right else wrong]
+        atomic_write_jsonl(run / "generate" / "predictions.jsonl", rows)
+        info = {k: v for k, v in read_done(run).items() if k != "files"}
+        write_done(run, info)
+
+
+def test_leaderboard_numbers_recompute_from_the_prediction_files(sweep, tmp_path):
+    from fairllava.benchmark.stats import shortcut_signature
+    from fairllava.fairness import evaluate_predictions, holm
+
+    out = tmp_path / "copy"
+    shutil.copytree(sweep[0], out)
+    _fake_predictions(out)
+    board = _board(out)
+    per = {}
+    for row in board["rows"]:
+        vals = []
+        for seed in row["seeds"]:
+            preds = out / "runs" / "derm-vqa" / "S1" / f"seed{seed}" / row["method"] / "test" / "generate" / "predictions.jsonl"
+            card = json.loads((out / "data" / "derm-vqa" / f"seed{seed}" / "S1" / "shortcut" / "datacard.json").read_text())
+            r = evaluate_predictions(preds, task="vqa", labels=card["labels"], attributes=["race"], metrics=["accuracy"],
+                                     n_boot=0, n_min=1)
+            g = r.groups["race"]
+            sig = shortcut_signature(preds, card)["groups"]
+            vals.append([r.overall["accuracy"], g["light"]["accuracy"], g["dark"]["accuracy"],
+                         g["light"]["accuracy"] - g["dark"]["accuracy"], sig["dark"]["false_positive_pct"],
+                         sig["light"]["false_positive_pct"]])
+        mean = np.mean(vals, axis=0)
+        per[row["method"]] = np.array(vals)
+        m = row["metrics"]["accuracy"]
+        assert [m["overall"]["value"], m["groups"]["light"]["value"], m["groups"]["dark"]["value"],
+                m["signed_gap"]["value"]] == pytest.approx(mean[:4], abs=1e-9)
+        s = row["metrics"]["signature_fpr"]["groups"]
+        assert [s["dark"]["value"], s["light"]["value"]] == pytest.approx(mean[4:], abs=1e-9)
+        assert m["signed_gap"]["ci"][0] <= m["signed_gap"]["value"] <= m["signed_gap"]["ci"][1]
+    assert board["rows"][0]["metrics"]["accuracy"]["signed_gap"]["value"] > 10  # the planted gap is visible
+    pvals = []
+    for row in board["rows"][1:]:
+        eff = row["vs_baseline"]["metrics"]["accuracy"]["signed_gap"]
+        assert eff["value"] == pytest.approx(np.mean(per[row["method"]][:, 3] - per["lora"][:, 3]), abs=1e-9)
+        assert row["verdict"]["reduction"] == pytest.approx(-eff["value"])
+        pvals.append(eff["p_value"])
+    assert [r["holm_p"] for r in board["rows"][1:]] == pytest.approx(holm(pvals))
+    fair = next(r for r in board["rows"] if r["method"] == "fairllava")
+    assert fair["verdict"]["reduction"] > 0  # the planted effect: fairllava closes most of the gap
+    assert ("levelled down" in fair["verdict"]["text"]) == fair["verdict"]["levelled_down"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _plan_dict() -> dict:
+    return yaml.safe_load(SMOKE.read_text())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["methods"].update(extra={"method": "dropout"}), "methods.extra.method: unknown method 'dropout'"),
+    (lambda d: d["tasks"].update({"mri-vqa": {}}), "tasks.mri-vqa: unknown task"),
+    (lambda d: d["tasks"]["derm-vqa"]["seeds"].update(test=[1, 2]), "seeds [1] are in both selection and test"),
+    (lambda d: d["methods"]["reweight"].update(settings={"reweight": {"moed": "product"}}), "reweight.moed: unknown key"),
+    (lambda d: d.update(splits=["train"]), "splits: expected a non-empty list"),
+    (lambda d: d.update(baseline="erm"), "baseline: 'erm' must name a method"),
+])
+def test_bad_plan_is_a_one_line_error_before_any_run(tmp_path, edit, message):
+    from typer.testing import CliRunner
+
+    from fairllava.cli import app
+
+    d = _plan_dict()
+    edit(d)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(d))
+    res = CliRunner().invoke(app, ["benchmark", "run", str(path), "--out", str(tmp_path / "out")])
+    assert isinstance(res.exception, FairllavaError), res.output
+    assert message in str(res.exception) and "\n" not in str(res.exception) and str(path) in str(res.exception)
+    assert not (tmp_path / "out").exists()
+
+
+def test_results_folder_of_another_plan_or_code_version_is_refused(sweep, monkeypatch):
+    out = sweep[0]
+    d = _plan_dict()
+    d["evaluation"]["n_boot"] = 100
+    before = sorted(p for p in out.rglob("*"))
+    with pytest.raises(FairllavaError, match="made by a different plan"):
+        run_sweep(plan_from_dict(d, "other.yaml"), out, threads=1, log=lambda m: None)
+    import fairllava.benchmark.manifest as manifest
+
+    monkeypatch.setattr(manifest, "_CODE", {**manifest.code_version(), "code_hash": "0" * 16, "commit": "f" * 40})
+    with pytest.raises(FairllavaError, match="made by another code version .* use a new --out or check out that commit"):
+        run_sweep(load_plan(SMOKE), out, threads=1, log=lambda m: None)
+    assert sorted(p for p in out.rglob("*")) == before
+    with pytest.raises(FairllavaError, match="trial_budget is 2"):
+        d = _plan_dict()
+        d["trial_budget"] = 2
+        d["methods"]["fairllava"]["trials"] = [{}, {"fairness": {"fairness_lambda": 0.5}}]
+        plan_from_dict(d, "selection.yaml")
