@@ -73,7 +73,7 @@ class Spec:
     vocab_size: int = 32064       # LLaVA-1.5 HF vocabulary (the tiny BPE's ids are a subset)
     batch: int = 16
     steps: int = 4                # timed rounds (one warm-up round more)
-    report_words: int = 100       # ~100-token target report
+    report_words: int = 45        # x ~2.2 tiny-BPE tokens per word = a ~100-token target report
     gen_prompts: int = 64
     gen_bs1_prompts: int = 4      # batch-1 decoding on a subset (budget)
     gen_batch: int = 16
@@ -85,7 +85,7 @@ class Spec:
 PAPER = Spec("llava-1.5-7b-arch")
 TINY = Spec("tiny", vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64, image_size=32,
             patch_size=8, text_hidden=64, text_layers=4, text_heads=4, text_kv_heads=4, text_intermediate=128,
-            vocab_size=0, batch=8, steps=2, report_words=30, gen_prompts=16, gen_bs1_prompts=2, gen_batch=16,
+            vocab_size=0, batch=8, steps=2, report_words=14, gen_prompts=16, gen_bs1_prompts=2, gen_batch=16,
             gen_new_tokens=16,
             budgets=(("install", 50), ("versions", 20), ("build", 20), ("train", 40), ("generate", 30), ("tests", 60),
                      ("fsdp", 60)))
@@ -335,6 +335,7 @@ def phase_train(deadline: float, rep: Report, ctx: dict):
 
     from fairllava.data import VLMCollator, VLMDataset, vocabs_from_config
     from fairllava.models.loading import LoraSettings, apply_lora
+    from fairllava.models.precision import prepare_for_training
     from fairllava.training.config import apply_overrides, preset_dict, TrainConfig
     from fairllava.training.methods import StepOutput
     from fairllava.training.trainer import FairTrainer, TrainingModule, _n_hidden_states, _to_device, build_optimizer
@@ -354,10 +355,8 @@ def phase_train(deadline: float, rep: Report, ctx: dict):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.config.use_cache = False
-    model = apply_lora(model, LoraSettings(r=c0.lora.r, alpha=c0.lora.alpha, dropout=c0.lora.dropout))
-    for p in model.parameters():  # bf16 frozen weights, fp32 trainable ones (what model.dtype=bfloat16 trains)
-        if p.requires_grad:
-            p.data = p.data.float()
+    model = apply_lora(model, LoraSettings(**_accepted(LoraSettings, asdict(c0.lora))))
+    prepare_for_training(model, torch.bfloat16)  # bf16 frozen weights, fp32 trainable ones
     model.train()
     ctx["model"] = model
     assert _n_hidden_states(model) == n_hs
@@ -375,15 +374,18 @@ def phase_train(deadline: float, rep: Report, ctx: dict):
              f"{int((batch['labels'] != -100).sum()) // spec.batch} target tokens/sample")
     runs = {}
     for m, cfg in cfgs.items():
-        method = FairTrainer(cfg)._build_method(model, ds, idx, n_hs, accelerator=_OneProcess())
-        mod = TrainingModule(model, method, method.hidden_indices(n_hs), compact_logits=cfg.model.compact_logits)
+        method = FairTrainer(cfg)._build_method(model, ds, idx, n_hs, _OneProcess(), processor=ctx["processor"])
+        mod = TrainingModule(model, method, method.hidden_indices(n_hs), compact_logits=cfg.model.compact_logits,
+                             compute_dtype=torch.bfloat16)
         opt = build_optimizer(model, method, cfg.optim)
         params = [p for g in opt.param_groups for p in g["params"]]
         runs[m] = (method, mod, opt, params, cfg)
         rep.info(f"{m}: taps {mod.indices}, trainable {sum(p.numel() for p in params) / 1e6:.1f} M params")
     times = {m: [] for m in METHODS}
     peaks = {m: [] for m in METHODS}
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16)  # = accelerate mixed_precision: bf16
+    # accelerate's mixed_precision=bf16 wraps the prepared module's forward in autocast; the module itself turns
+    # autocast off again for the losses and the regulariser (fp32), so wrapping here is the trainer's situation
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
     for rnd in range(spec.steps + 1):  # round 0 warms up (kernels, allocator, optimizer state)
         for m in METHODS:
             method, mod, opt, params, cfg = runs[m]
@@ -436,7 +438,20 @@ def phase_train(deadline: float, rep: Report, ctx: dict):
 
 
 class _OneProcess:
+    """The two facts the trainer's method builder asks its accelerator for."""
+
     num_processes = 1
+    is_main_process = True
+
+
+def _accepted(fn, kwargs: dict) -> dict:
+    """The keyword arguments ``fn`` takes (the config's LoRA section maps onto LoraSettings by field name)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 # ----------------------------------------------------------------------------- generation
@@ -445,9 +460,10 @@ def phase_generate(deadline: float, rep: Report, ctx: dict):
 
     from fairllava.data import VLMDataset
     from fairllava.generation import generate_predictions
+    from fairllava.models.precision import prepare_for_inference
 
     spec, model = ctx["spec"], ctx["model"]
-    model.to(torch.bfloat16)  # as load_vlm(dtype=bfloat16, adapter=...) gives it: everything bf16
+    model = prepare_for_inference(model, torch.bfloat16)  # as load_vlm(dtype=bf16, adapter=...)
     model.eval()
     if ctx.get("records") is None:
         ctx["records"], ctx["images"] = write_records(Path(ctx["tmp"]) / "train", spec.gen_prompts, spec)

@@ -13,6 +13,7 @@ moves by at most 4 * max|dl|: given the observed logit error the value bound is 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -83,9 +84,13 @@ def _planted_hidden(n_rows, t, d, labels, strength, seed=0):
     return h, dirs
 
 
-def test_regularizer_bf16_on_device_matches_cpu_fp32():
-    """The mimic_cxr estimator (mid-layer-style states, image tokens, one random token per row) in bf16 autocast on
-    the device vs fp32 on the CPU: same tokens, MI and loss within the bf16 bound, gradients close."""
+@pytest.mark.parametrize("heads_in_autocast", [False, True], ids=["trainer-path", "all-autocast"])
+def test_regularizer_bf16_on_device_matches_cpu_fp32(heads_in_autocast):
+    """The mimic_cxr estimator (image tokens, one random token per row) on bf16 hidden states on the device vs fp32
+    on the CPU: same tokens, MI and loss within the bf16 bound, gradients close.
+
+    trainer-path: what TrainingModule does (the model emits bf16 states; the regulariser runs in fp32 on fp32
+    copies, autocast off). all-autocast: the regulariser itself under bf16 autocast (heads' matmuls in bf16)."""
     from fairllava.regularizer import FairnessConfig, FairnessRegularizer
     from fairllava.training.config import preset_dict
 
@@ -115,15 +120,16 @@ def test_regularizer_bf16_on_device_matches_cpu_fp32():
     h_dev = hidden.to(DEVICE, torch.bfloat16).requires_grad_(True)
     lab_dev = {a: y.to(DEVICE) for a, y in labels.items()}
     mask_dev = dev_reg.select_tokens(attn.to(DEVICE), image.to(DEVICE))
-    with _autocast():
-        out_dev = dev_reg(hidden_states=[h_dev], token_mask=mask_dev, labels=lab_dev, step=0)
+    amp = _autocast() if heads_in_autocast else contextlib.nullcontext()
+    with amp:
+        out_dev = dev_reg(hidden_states=[h_dev.float()], token_mask=mask_dev, labels=lab_dev, step=0)
     out_dev["loss"].backward()
 
     # the logit error the device path actually has (same seeded token draw as the regulariser's first call)
     with torch.no_grad():
         z_cpu, _ = make().pool([hidden], ref_reg.select_tokens(attn, image))
-        with _autocast():
-            z_dev, _ = probe.pool([h_dev.detach()], mask_dev)
+        with _autocast() if heads_in_autocast else contextlib.nullcontext():
+            z_dev, _ = probe.pool([h_dev.detach().float()], mask_dev)
             l_devs = {a: probe.heads[a](z_dev.float()).float().cpu() for a in nk}
         dl = {}
         for a in nk:
@@ -153,14 +159,13 @@ def test_regularizer_bf16_on_device_matches_cpu_fp32():
 # ----------------------------------------------------------------------------- hook capture
 def _tiny_lora_model(dropout=0.0):
     from fairllava.models.loading import LoraSettings, apply_lora
+    from fairllava.models.precision import prepare_for_training
     from fairllava.models.tiny import build_tiny_llava
 
     model, proc = build_tiny_llava(seed=0, text_layers=4)
     model.to(DEVICE, torch.bfloat16)
     model = apply_lora(model, LoraSettings(r=8, alpha=16, dropout=dropout))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # bf16 frozen weights, fp32 trainable ones
+    prepare_for_training(model, torch.bfloat16)  # bf16 frozen weights, fp32 trainable ones (the trainer's layout)
     model.train()
     return model, proc
 
@@ -227,13 +232,13 @@ def test_training_step_bf16_fairllava_on_device():
     model.enable_input_require_grads()
     cfg = FairnessConfig.from_dict({"attributes": {"sex": {"num_classes": 2, "weight": 1.0}}})
     method = FairLLaVAMethod(FairnessRegularizer(cfg, hidden_size=64).to(DEVICE), cfg)
-    module = TrainingModule(model, method, method.hidden_indices(5), compact_logits=True)
+    module = TrainingModule(model, method, method.hidden_indices(5), compact_logits=True, compute_dtype=torch.bfloat16)
     batch = _inputs(proc, b=4)
     labels = batch["input_ids"].clone()
     labels[:, :19] = -100
     batch.update(labels=labels, image_mask=batch["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<image>"),
                  attr_labels={"sex": torch.tensor([0, 1, 0, 1], device=DEVICE)})
-    with _autocast():
+    with _autocast():  # accelerate's mixed_precision=bf16 wraps the prepared module in autocast
         loss, logs, _ = module(batch, 0.0, 0)
     loss.backward()
     assert torch.isfinite(loss) and "mi/sex" in logs

@@ -53,7 +53,8 @@ def test_tiny_check_runs_every_phase_and_prints_every_figure(tmp_path):
     table = r.stdout[r.stdout.index("== summary"):]
     for k in FIGURES:  # the closing table shows each figure too
         assert any(line.split()[:1] == [k] for line in table.splitlines()), k
-    assert figs["tests.passed"] == 4 and figs["fsdp.steps"] == 4
+    assert figs["tests.passed"] >= 5 and data["figures"]["tests.passed"]["unit"] == f"of {figs['tests.passed']}"
+    assert figs["fsdp.steps"] == 4
     assert figs["gen.speedup"] > 1.0  # batching must beat one-by-one decoding even on the CPU
     # figures are printed as they are measured, before the summary
     assert r.stdout.index("train.fairllava.time_ratio =") < r.stdout.index("== summary")
