@@ -11,6 +11,7 @@ import torch.nn as nn
 from fairllava import FairnessConfig, FairnessRegularizer, club_mi
 from fairllava.errors import FairllavaError
 from fairllava.regularizer.budget import PenaltyBudget
+from fairllava.regularizer.config import RECOMMENDED_ESTIMATOR
 from fairllava.regularizer.health import DeadDACError, DeadDACWarning
 
 WARMUP = 50
@@ -49,7 +50,7 @@ def _run(steps=WARMUP + 1, **kw):
 
 
 PAPER = {}  # random_token, L2-normalised (auto), dac_lr null = the LoRA lr
-RECOMMENDED = {"mi_pooling": "token", "mi_l2_normalize": False, "mi_standardize": True, "dac_lr": 1e-2}
+RECOMMENDED = dict(RECOMMENDED_ESTIMATOR)  # standardised z, dac_lr 1e-2, every image token, other-sample negatives
 
 
 def test_dead_dac_warning_fires_under_the_papers_literal_settings():

@@ -22,6 +22,19 @@ UPDATE_MODES = ("joint", "alternating")
 ALTERNATING_PENALTY_HEADS = ("same_batch", "held_out")
 ON_DEAD_DAC = ("warn", "error", "ignore")
 STRATA_SOURCES = ("label", "chexpert_rules")
+# [ours] Estimator settings under which the DAC learns on LM states with outlier dimensions (docs/training.md,
+# "Recommended estimator"; tests/test_regularizer_health.py, bench/dac_health.py): per-dimension standardisation
+# instead of L2, a DAC lr of 1e-2 (not the LoRA lr), every selected token as a sample with the same sample's
+# other tokens kept out of the negatives, and no weight for strata with a single attribute class. Layer, lambda,
+# conditioning and the gradient budget are left to the run.
+RECOMMENDED_ESTIMATOR: dict[str, Any] = {
+    "mi_standardize": True,
+    "mi_l2_normalize": False,
+    "dac_lr": 1e-2,
+    "mi_pooling": "token",
+    "negatives": "other_samples",
+    "mi_skip_single_group_strata": True,
+}
 QUEUE_MAX_BYTES = 1 << 30  # the label queue is tiny per row; a bound this large only catches a typo'd size
 
 
