@@ -99,8 +99,10 @@ def test_health_window_is_prequential_and_checkpointed():
     assert abs(out["logs"]["dac_bacc/race"] - 0.75) < 1e-6  # recall 1.0 (class 0) and 0.5 (class 1)
     other = FairnessRegularizer(FairnessConfig(attributes={"race": 2}, mi_pooling="token", dac_health_window=4),
                                 hidden_size=3)
+    other.health._checked = True  # a stale mirror must not survive loading a checkpoint
     other.load_state_dict(reg.state_dict())
     assert torch.equal(other.health.pred, reg.health.pred) and int(other.health.seen) == 3
+    assert other.health._checked is None and other.health._seen is None
 
 
 def test_alternating_held_out_heads_score_the_batch_they_were_not_fitted_on():

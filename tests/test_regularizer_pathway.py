@@ -131,3 +131,18 @@ def test_dead_dac_error_leaves_no_complete_checkpoint(data, tmp_path):
     assert not (run / "run.json").exists()
     assert ck.latest_checkpoint(run) is None
     assert list((run / "checkpoints").glob(".failed-checkpoint-*"))  # kept for inspection, not resumable
+
+
+def test_chexpert_strata_from_target_reports():
+    from fairllava.regularizer.strata import chexpert_strata
+
+    recs = [{"id": i, "conversations": [{"from": "human", "value": "<image>\ndescribe"}, {"from": "gpt", "value": t}]}
+            for i, t in enumerate(["No acute cardiopulmonary process.", "Mild cardiomegaly.",
+                                   "Small left pleural effusion. Mild cardiomegaly.", "Lungs are clear."])]
+    assert chexpert_strata(recs, ["No Finding"]) == {"0": 1, "1": 0, "2": 0, "3": 1}
+    two = chexpert_strata(recs, ["Cardiomegaly", "Pleural Effusion"])
+    assert two["1"] != two["2"] and two["0"] == two["3"] and len(set(two.values())) == 3
+    with pytest.raises(FairllavaError, match="mi_strata_source=chexpert_rules: no training record"):
+        chexpert_strata([{"id": 0, "conversations": [{"from": "human", "value": "x"}]}], ["No Finding"])
+    with pytest.raises(FairllavaError, match="not CheXpert findings"):
+        FairnessConfig(mi_strata_source="chexpert_rules", mi_strata_findings=["Fractured Ego"])

@@ -25,7 +25,8 @@ STRATA_SOURCES = ("label", "chexpert_rules")
 # [ours] Estimator settings under which the DAC learns on LM states with outlier dimensions (docs/training.md,
 # "Recommended estimator"; tests/test_regularizer_health.py, bench/dac_health.py): per-dimension standardisation
 # instead of L2, a DAC lr of 1e-2 (not the LoRA lr), every selected token as a sample with the same sample's
-# other tokens kept out of the negatives, and no weight for strata with a single attribute class. Layer, lambda,
+# other tokens kept out of the negatives, no weight for strata with a single attribute class, and (alternating
+# mode) a penalty scored by heads not fitted on the batch. Layer, lambda,
 # conditioning and the gradient budget are left to the run.
 RECOMMENDED_ESTIMATOR: dict[str, Any] = {
     "mi_standardize": True,
@@ -34,6 +35,7 @@ RECOMMENDED_ESTIMATOR: dict[str, Any] = {
     "mi_pooling": "token",
     "negatives": "other_samples",
     "mi_skip_single_group_strata": True,
+    "alternating_penalty_heads": "held_out",  # used only with update_mode: alternating
 }
 QUEUE_MAX_BYTES = 1 << 30  # the label queue is tiny per row; a bound this large only catches a typo'd size
 

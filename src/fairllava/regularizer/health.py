@@ -49,6 +49,14 @@ class DACHealth(nn.Module):
         self.register_buffer("label", torch.full((window, a), ignore_index, dtype=torch.long))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))     # rows ever pushed (monotone)
         self.register_buffer("checked", torch.zeros((), dtype=torch.long))  # 1 once the check has run
+        # Python mirrors of seen/checked, so the per-step check costs no device sync (None = re-read the buffers,
+        # e.g. after a checkpoint was loaded)
+        self._seen: int | None = 0
+        self._checked: bool | None = False
+        self.register_load_state_dict_post_hook(lambda module, _: module._forget_mirrors())
+
+    def _forget_mirrors(self) -> None:
+        self._seen, self._checked = None, None
 
     @torch.no_grad()
     def record(self, preds: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor],
@@ -65,6 +73,8 @@ class DACHealth(nn.Module):
         self.pred[pos] = p
         self.label[pos] = y
         self.seen += p.shape[0]
+        if self._seen is not None:
+            self._seen += p.shape[0]
 
     @torch.no_grad()
     def counts(self) -> torch.Tensor:
@@ -101,14 +111,17 @@ class DACHealth(nn.Module):
         Every rank calls this at the same micro-batch; the counts are summed over ranks first, so all ranks
         take the same decision (an error on one rank only would hang the others).
         """
-        if cfg.on_dead_dac == "ignore" or int(self.checked) or step < cfg.dac_health_warmup_steps:
+        if cfg.on_dead_dac == "ignore" or step < cfg.dac_health_warmup_steps:
             return
-        if int(self.seen) < min(self.pred.shape[0], 64):
+        if self._checked is None or self._seen is None:
+            self._checked, self._seen = bool(self.checked), int(self.seen)
+        if self._checked or self._seen < min(self.pred.shape[0], 64):
             return
         counts = self.counts()
         if is_distributed():
             dist.all_reduce(counts)
         self.checked.fill_(1)
+        self._checked = True
         bacc, chance = self.balanced_accuracy(counts)
         dead = [(n, float(bacc[j]), float(chance[j])) for j, n in enumerate(self.names)
                 if bool(torch.isfinite(bacc[j])) and float(bacc[j]) < float(chance[j]) + cfg.dac_health_margin]

@@ -341,7 +341,7 @@ class FairnessRegularizer(nn.Module):
         g = self._groups(rows, z.shape[0], z.device)
         z, y, s, g = self._gather(z, y, s, g)
         self.observe(z)
-        dac_total, dac_stats = self._dac_terms(z, y, keep=_first_rows(g), record=True)
+        dac_total, dac_stats = self._dac_terms(z, y, keep=_first_rows(g, self.cfg.mi_pooling), record=True)
         dim_total, dim_stats = self._dim_terms(z, y, s, g)
         self._after_estimate(y, s, step)
         w = self.penalty_weight(step)
@@ -401,7 +401,7 @@ class FairnessRegularizer(nn.Module):
         with torch.enable_grad():
             for i in range(n_steps):
                 optimizer.zero_grad(set_to_none=True)
-                total, stats = self._dac_terms(z, y, keep=_first_rows(g), record=i == 0)
+                total, stats = self._dac_terms(z, y, keep=_first_rows(g, self.cfg.mi_pooling), record=i == 0)
                 total.backward()
                 optimizer.step()
                 if i == 0:
@@ -446,8 +446,13 @@ def _as_list(hidden_states: Any) -> list[torch.Tensor]:
                      f"got {type(hidden_states).__name__}")
 
 
-def _first_rows(groups: torch.Tensor) -> torch.Tensor:
-    """First row of each sample (rows of a sample are contiguous): one health-window entry per sample."""
+def _first_rows(groups: torch.Tensor, pooling: str) -> torch.Tensor | None:
+    """First row of each sample (rows of a sample are contiguous): one health-window entry per sample.
+
+    None (keep every row, no masked indexing, hence no device sync) when pooling gives one row per sample.
+    """
+    if pooling != "token":
+        return None
     keep = torch.ones_like(groups, dtype=torch.bool)
     keep[1:] = groups[1:] != groups[:-1]
     return keep
