@@ -3,21 +3,13 @@
 Usage:  python bench/gpu_check.py [--tiny] [--json PATH] [--no-install]      (``make gpu-check``)
         python bench/gpu_check.py --tiny --no-install       (CPU, small config, < 2 min: what CI runs)
 
-Phases, each with its own time budget, each printing its figures the moment it has them; a failing phase is
-reported and the others still run; a summary table closes the run (and ``--json`` writes the same figures):
-  install   pip install --no-deps --no-build-isolation --no-index -e .  (no network on the device; default on
-            without --tiny), then one line per library version
-  build     LLaVA-1.5-7B architecture from configs (values in PAPER below), random weights, bf16, built directly
-            on the GPU (no CPU init, no hub)
-  train     interleaved stage-2 steps through the project's training code (TrainingModule, build_optimizer, the
-            trainer's method builder) for lora / fairllava (mimic_cxr preset: mid layer, image tokens) /
-            adversarial; gradient checkpointing + LoRA r=64 + compact logits as the preset; bf16 autocast as
-            accelerate's mixed_precision=bf16; prints median step time, tokens/s, peak memory, ratios to lora
-  generate  fairllava.generation.generate_predictions, greedy, 100 new tokens: tokens/s at batch 1 (subset) vs 16
-  tests     pytest -m gpu tests/test_gpu.py (CUDA bf16 regulariser vs CPU fp32, hook capture on CUDA)
-  fsdp      accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 -m fairllava train
-            (tiny model, a few steps, checkpoint included)
-
+Phases (table in docs/gpu.md), each with its own time budget, each printing its figures the moment it has them; a
+failing phase is reported and the others still run; a summary table closes the run (``--json`` writes it too):
+install (pip -e ., no network) | versions | build (LLaVA-1.5-7B architecture from the configs in PAPER, random
+weights, bf16, on the GPU) | train (interleaved stage-2 steps of lora / fairllava / adversarial through the
+project's TrainingModule, method builder and optimizer: median s/step, tokens/s, peak memory, ratios to lora) |
+generate (generate_predictions, greedy, 100 new tokens, batch 1 vs 16) | tests (pytest -m gpu) | fsdp (accelerate
+launch with configs/accelerate/fsdp.yaml on one process). Exit code 0: every phase ran; 1: a phase failed.
 Without a CUDA device and without --tiny: one line on stderr, exit code 2, nothing run.
 
 H200 estimate (790 TFLOP/s dense bf16, 4.3 TB/s HBM; docs/gpu.md): one training step at batch 16 x ~700 tokens
@@ -35,13 +27,14 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,8 +80,8 @@ TINY = Spec("tiny", vision_hidden=32, vision_layers=2, vision_heads=2, vision_in
             patch_size=8, text_hidden=64, text_layers=4, text_heads=4, text_kv_heads=4, text_intermediate=128,
             vocab_size=0, batch=8, steps=2, report_words=14, gen_prompts=16, gen_bs1_prompts=2, gen_batch=16,
             gen_new_tokens=16,
-            budgets=(("install", 50), ("versions", 20), ("build", 20), ("train", 40), ("generate", 30), ("tests", 60),
-                     ("fsdp", 60)))
+            budgets=(("install", 50), ("versions", 30), ("build", 30), ("train", 60), ("generate", 40), ("tests", 150),
+                     ("fsdp", 150)))
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -118,11 +111,6 @@ class Report:
         return "\n".join(lines)
 
 
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
-
-
 def _error_line(text: str) -> str:
     """The last ``SomethingError: ...`` line of a subprocess's output (torchrun ends with banners), else its last line."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
@@ -144,7 +132,8 @@ def run_phase(rep: Report, name: str, budget: float, deadline: float, fn, *args)
         status, reason = ("skipped", out[1]) if isinstance(out, tuple) and out and out[0] == "skip" else ("ok", "")
     except Exception as e:  # noqa: BLE001 - one phase's failure must not stop the others
         traceback.print_exc(limit=6, file=sys.stderr)
-        out, status, reason = None, "FAILED", _one_line(e)
+        msg = str(e).strip().splitlines()
+        out, status, reason = None, "FAILED", f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
         print(f"  FAILED: {reason}", flush=True)
     if status == "skipped":
         print(f"  skipped: {reason}", flush=True)
@@ -216,6 +205,7 @@ def build_model(spec: Spec, device, dtype):
     torch.manual_seed(0)
     with torch.device(device):  # weights are created (and randomly initialised) on the GPU itself
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.to(device)  # no-op unless some buffer was made on the CPU explicitly
     gc = model.generation_config
     gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     gc.do_sample, gc.num_beams = False, 1
@@ -280,8 +270,7 @@ class MemMeter:
     tensors saved for backward (an estimate: the CPU allocator keeps no peak)."""
 
     def __init__(self, device, params, optimizer) -> None:
-        self.device, self.params, self.opt = device, params, optimizer
-        self.saved: dict[tuple, int] = {}
+        self.device, self.params, self.opt, self.saved, self._hooks = device, params, optimizer, {}, None
 
     def __enter__(self):
         import torch
@@ -289,19 +278,22 @@ class MemMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            return self
+        else:
+            def pack(t):
+                self.saved[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+                return t
 
-        def pack(t):
-            self.saved[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
-            return t
-
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self._hooks.__enter__()
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+            self._hooks.__enter__()
         return self
 
     def stop_saving(self) -> None:
-        if self.device.type != "cuda":
+        if self._hooks is not None:
             self._hooks.__exit__(None, None, None)
+            self._hooks = None
+
+    def __exit__(self, *exc) -> None:
+        self.stop_saving()  # also when the step raised: later phases must not inherit the hooks
 
     def peak_gb(self) -> float:
         import torch
@@ -309,13 +301,10 @@ class MemMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() / 1e9
-        b = sum(p.numel() * p.element_size() for p in self.params)
-        b += sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
-        b += sum(v.numel() * v.element_size() for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v))
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731
+        b = sum(size(p) + (size(p.grad) if p.grad is not None else 0) for p in self.params)
+        b += sum(size(v) for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v))
         return (b + sum(self.saved.values())) / 1e9
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def _move_extras(method, opt, device) -> None:
@@ -437,21 +426,14 @@ def phase_train(deadline: float, rep: Report, ctx: dict):
     return True
 
 
-class _OneProcess:
-    """The two facts the trainer's method builder asks its accelerator for."""
-
-    num_processes = 1
-    is_main_process = True
+class _OneProcess:  # what the trainer's method builder asks its accelerator
+    num_processes, is_main_process = 1, True
 
 
-def _accepted(fn, kwargs: dict) -> dict:
-    """The keyword arguments ``fn`` takes (the config's LoRA section maps onto LoraSettings by field name)."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return dict(kwargs)
-    return {k: v for k, v in kwargs.items() if k in params}
+def _accepted(cls, values: dict) -> dict:
+    """The entries of ``values`` that dataclass ``cls`` has fields for (config LoRA section -> LoraSettings)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
 
 
 # ----------------------------------------------------------------------------- generation
@@ -493,6 +475,19 @@ def phase_generate(deadline: float, rep: Report, ctx: dict):
 
 
 # ----------------------------------------------------------------------------- subprocess phases
+def _run(cmd: list[str], ctx: dict, deadline: float) -> subprocess.CompletedProcess:
+    """Run in its own process group, so a timeout also ends the launcher's workers (no orphan holding the GPU)."""
+    p = subprocess.Popen(cmd, cwd=REPO, env=_sub_env(ctx), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=max(5.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise TimeoutError(f"{' '.join(cmd[1:4])}: over the phase budget, killed") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def _sub_env(ctx: dict) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -508,8 +503,7 @@ def phase_tests(deadline: float, rep: Report, ctx: dict):
         return ("skip", "pytest is not installed")
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
            str(REPO / "tests" / "test_gpu.py")]
-    r = subprocess.run(cmd, cwd=REPO, env=_sub_env(ctx), capture_output=True, text=True,
-                       timeout=max(5.0, deadline - time.monotonic()))
+    r = _run(cmd, ctx, deadline)
     last = [ln for ln in r.stdout.strip().splitlines() if ln.strip()][-1:] or [""]
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", last[0])}
     passed, total = counts.get("passed", 0), sum(counts.values())
@@ -543,8 +537,7 @@ def phase_fsdp(deadline: float, rep: Report, ctx: dict):
         cmd.append("--cpu")  # --tiny: accelerate's single-process CPU launcher (FSDP itself needs GPUs)
     cmd += ["-m", "fairllava", "train", str(tmp / "run.yaml")]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, env=_sub_env(ctx), capture_output=True, text=True,
-                       timeout=max(5.0, deadline - time.monotonic()))
+    r = _run(cmd, ctx, deadline)
     secs = time.perf_counter() - t0
     run_json = tmp / "run" / "run.json"
     if r.returncode != 0 or not run_json.is_file():
@@ -601,12 +594,18 @@ def main(argv: list[str] | None = None) -> int:
             phase("install", phase_install, rep)
         else:
             rep.phases["install"] = {"status": "skipped", "seconds": 0.0, "reason": "--no-install (default with --tiny)"}
-        if phase("versions", phase_versions, rep) is not None:
+        if phase("versions", phase_versions, rep) is None:
+            for name in ("build", "train", "generate", "tests", "fsdp"):
+                rep.phases[name] = {"status": "skipped", "seconds": 0.0, "reason": "versions failed (a library is missing)"}
+        else:
             phase("build", phase_build, rep, ctx)
             phase("train", phase_train, rep, ctx, needs="model")
             phase("generate", phase_generate, rep, ctx, needs="model")
             ctx.pop("model", None)
-            if device.type == "cuda":
+            if device.type == "cuda":  # the subprocess phases get the GPU to themselves
+                import gc
+
+                gc.collect()
                 torch.cuda.empty_cache()
             phase("tests", phase_tests, rep, ctx)
             phase("fsdp", phase_fsdp, rep, ctx)
