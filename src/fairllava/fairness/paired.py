@@ -41,14 +41,8 @@ def paired_signed_gap(baseline: MetricStats | Sequence[float], method: MetricSta
     check_direction(d, list(values), "paired_signed_gap")
     units = build_units(values, [d.advantaged, d.disadvantaged], clusters, labels)
     ea, eb = GapEngine(ma, units), GapEngine(mb, units)
-    ga, gb = ea.point(), eb.point()
-    diff = ga - gb
-    out = {"advantaged": d.advantaged, "disadvantaged": d.disadvantaged, "baseline": _f(ga), "method": _f(gb),
-           "diff": _f(diff), "ci": None, "baseline_ci": None, "method_ci": None, "p_value": None,
-           "p_two_sided": None, "resampling": units.resampling, "ci_method": ci_method, "level": level,
-           "n_boot": n_boot, "n_perm": n_perm, "n_units": units.n_units,
-           "test": "paired permutation (swap the systems' outputs per unit), H1: method has the smaller signed gap"}
     key = (run, "paired", d.attribute, ma.name, d.advantaged, d.disadvantaged)
+    ra = rb = null = None
     if n_boot:
         rng = stream(seed, *key, "boot")
         ra, rb = [], []
@@ -56,14 +50,30 @@ def paired_signed_gap(baseline: MetricStats | Sequence[float], method: MetricSta
             ra.append(ea.weighted(W))
             rb.append(eb.weighted(W))
         ra, rb = np.concatenate(ra), np.concatenate(rb)
+    if n_perm:
+        null = swap_null(ea, eb, n_perm, stream(seed, *key, "perm"))
+    out = paired_summary(d, ea, eb, units, ra, rb, null, level, ci_method)
+    if replicates and ra is not None:
+        out["_replicates"] = ra - rb
+    return out
+
+
+def paired_summary(d: Direction, ea: GapEngine, eb: GapEngine, units, ra: np.ndarray | None, rb: np.ndarray | None,
+                   null: np.ndarray | None, level: float, ci_method: str) -> dict:
+    """The result row of a paired comparison from its bootstrap replicates ``ra``/``rb`` and swap ``null``."""
+    ga, gb = ea.point(), eb.point()
+    diff = ga - gb
+    out = {"advantaged": d.advantaged, "disadvantaged": d.disadvantaged, "baseline": _f(ga), "method": _f(gb),
+           "diff": _f(diff), "ci": None, "baseline_ci": None, "method_ci": None, "p_value": None,
+           "p_two_sided": None, "resampling": units.resampling, "ci_method": ci_method, "level": level,
+           "n_boot": 0 if ra is None else len(ra), "n_perm": 0 if null is None else len(null), "n_units": units.n_units,
+           "test": "paired permutation (swap the systems' outputs per unit), H1: method has the smaller signed gap"}
+    if ra is not None:
         ja, jb = ea.jackknife(), eb.jackknife()
         out["ci"] = interval(ra - rb, diff, ja - jb, level, ci_method)
         out["baseline_ci"] = interval(ra, ga, ja, level, ci_method)
         out["method_ci"] = interval(rb, gb, jb, level, ci_method)
-        if replicates:
-            out["_replicates"] = ra - rb
-    if n_perm:
-        null = swap_null(ea, eb, n_perm, stream(seed, *key, "perm"))
+    if null is not None:
         out["p_value"] = permutation_pvalue(diff, null)
         out["p_two_sided"] = permutation_pvalue(abs(diff), np.abs(null))
     return out

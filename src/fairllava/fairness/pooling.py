@@ -11,7 +11,9 @@ docs/evaluation.md):
 - between seeds: ``τ²`` by the method of moments, ``E[Σ_s (d_s − d̄)²] = (S − 1) τ² + tr Σ − 1ᵀΣ1 / S``
   (clipped at 0).
 
-``SE² = τ² / S + 1ᵀΣ1 / S²``; CI ``d̄ ± z SE``; one-sided p for d̄ > 0 from the normal reference.
+``SE² = τ² / S + 1ᵀΣ1 / S²``; CI ``d̄ ± t SE`` and one-sided p for d̄ > 0 from Student t with Satterthwaite
+degrees of freedom (the between-seed sum of squares has S − 1 df, the shared sampling covariance is taken as
+known; normal when τ² = 0).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import numpy as np
 from ..errors import FairllavaError
 from ..metrics.base import MetricStats
 from .bootstrap import iter_resample_weights
-from .paired import paired_signed_gap
+from .paired import paired_signed_gap, paired_summary, swap_null
 from .signed import Direction, GapEngine, _f, as_direction, as_metric, check_direction, stream
 from .units import build_units
 
@@ -45,53 +47,74 @@ class SeedPair:
 def pool_paired(pairs: Sequence[SeedPair], direction: Direction | str, *, n_boot: int = 1000, n_perm: int = 1000,
                 seed: int = 0, level: float = 0.95, ci_method: str = "bca", run: str = "fairllava") -> dict:
     """Per-seed paired signed-gap differences and their random-effects pooled mean (see module docstring)."""
-    from scipy.stats import norm
-
     if not pairs:
         raise ValueError("pairs: expected at least one (baseline, method) pair")
     if n_boot < 2:
         raise ValueError("pooling needs n_boot >= 2 (the sampling covariance comes from the bootstrap)")
     d = as_direction(direction)
-    rows = []
-    for k, p in enumerate(pairs):
-        name = p.name or f"seed{k}"
-        r = paired_signed_gap(p.baseline, p.method, p.values, d, clusters=p.clusters, labels=p.labels,
-                              n_boot=n_boot, n_perm=n_perm, seed=seed, level=level, ci_method=ci_method,
-                              run=f"{run}:{name}", replicates=True)
-        rows.append({"seed": name, **r})
+    names = [p.name or f"seed{k + 1}" for k, p in enumerate(pairs)]
     shared = _shared_samples(pairs)
     if shared:
-        R = _joint_replicates(pairs, d, n_boot, seed, run)
+        rows, R = _joint(pairs, names, d, n_boot, n_perm, seed, level, ci_method, run)
     else:
-        R = np.stack([r.pop("_replicates") for r in rows], 1)
-    for r in rows:
-        r.pop("_replicates", None)
+        rows, cols = [], []
+        for name, p in zip(names, pairs):
+            r = paired_signed_gap(p.baseline, p.method, p.values, d, clusters=p.clusters, labels=p.labels,
+                                  n_boot=n_boot, n_perm=n_perm, seed=seed, level=level, ci_method=ci_method,
+                                  run=f"{run}:{name}", replicates=True)
+            cols.append(r.pop("_replicates"))
+            rows.append({"seed": name, **r})
+        R = np.stack(cols, 1)
     D = np.array([r["diff"] for r in rows], dtype=np.float64)
-    S = len(D)
     ok = np.all(np.isfinite(R), axis=1)
+    S = len(D)
     Sigma = np.atleast_2d(np.cov(R[ok], rowvar=False)) if ok.sum() > 2 else np.full((S, S), np.nan)
     if not shared:
         Sigma = np.diag(np.diag(Sigma))  # independent draws: the off-diagonal is noise around 0
+    return {"attribute": d.attribute, "advantaged": d.advantaged, "disadvantaged": d.disadvantaged,
+            "direction_source": d.source, "per_seed": rows, "pooled": random_effects(D, Sigma, level, shared)}
+
+
+def random_effects(D: np.ndarray, Sigma: np.ndarray, level: float = 0.95, shared: bool = True) -> dict:
+    """Pooled mean of per-seed differences ``D`` with sampling covariance ``Sigma`` (module docstring).
+
+    Reference distribution: Student t with Satterthwaite degrees of freedom. With ``τ² > 0`` the variance is
+    ``Q / (S (S − 1)) + κ``: the between-seed sum of squares ``Q`` (``S − 1`` df) plus the sampling covariance ``κ``
+    every seed shares (known from the bootstrap), so ``df = (S − 1) (SE² S (S − 1) / Q)²``; with ``τ² = 0`` the
+    bootstrap variance alone (normal). A between-seed spread seen in a handful of seeds thus widens the interval.
+    """
+    from scipy.special import ndtr, ndtri, stdtr, stdtrit
+
+    S = len(D)
     mean = float(D.mean())
     one = np.ones(S)
     samp = float(one @ Sigma @ one) / S ** 2
+    tau2 = 0.0
     if S > 1:
         Q = float(np.sum((D - mean) ** 2))
         tau2 = max(0.0, (Q - float(np.trace(Sigma)) + float(one @ Sigma @ one) / S) / (S - 1))
+    se2 = tau2 / S + samp
+    se = float(np.sqrt(se2)) if np.isfinite(se2) else float("nan")
+    # When tau^2 > 0, SE^2 = Q / (S (S - 1)) + kappa with kappa (the sampling covariance the seeds share) known
+    # from the bootstrap and Q ~ chi^2 with S - 1 df, so Satterthwaite gives df = (S - 1) (SE^2 / X)^2.
+    X = float(np.sum((D - mean) ** 2)) / (S * (S - 1)) if S > 1 else 0.0
+    df = float("inf") if tau2 == 0 or X <= 0 else (S - 1) * (se2 / X) ** 2
+    if np.isfinite(se) and se > 0:
+        t = mean / se
+        if np.isinf(df):
+            p1, q = float(ndtr(-t)), float(ndtri((1 + level) / 2))
+        else:
+            p1, q = float(stdtr(df, -t)), float(stdtrit(df, (1 + level) / 2))
+        ci, p2 = [mean - q * se, mean + q * se], min(1.0, 2 * min(p1, 1 - p1))
     else:
-        tau2 = 0.0
-    se = float(np.sqrt(tau2 / S + samp))
-    z = norm.ppf((1 + level) / 2)
-    pooled = {"diff": _f(mean), "ci": [float(mean - z * se), float(mean + z * se)] if np.isfinite(se) else None, "se": _f(se),
-              "tau2": _f(tau2), "sampling_var": _f(samp), "n_seeds": S,
-              "p_value": _f(norm.sf(mean / se)) if se > 0 else None,
-              "p_two_sided": _f(2 * norm.sf(abs(mean / se))) if se > 0 else None,
-              "shared_samples": shared,
-              "method": "random effects: mean of per-seed d; SE^2 = tau^2/S + 1'Σ1/S^2 with Σ from a joint paired "
-                        "bootstrap (units shared across seeds when they are the same samples) and tau^2 by moments; "
-                        "normal reference, H1: method has the smaller signed gap"}
-    return {"attribute": d.attribute, "advantaged": d.advantaged, "disadvantaged": d.disadvantaged,
-            "direction_source": d.source, "per_seed": rows, "pooled": pooled}
+        ci = p1 = p2 = None
+    return {"diff": _f(mean), "ci": ci, "se": _f(se), "tau2": _f(tau2), "sampling_var": _f(samp), "df": df,
+            "n_seeds": S, "p_value": p1, "p_two_sided": p2, "shared_samples": shared,
+            "method": "random effects: mean of per-seed d; SE^2 = tau^2/S + 1'Σ1/S^2 with Σ from a joint paired "
+                      "bootstrap (one unit draw shared by all seeds when they are the same samples) and tau^2 by "
+                      "moments; Student t with Satterthwaite df (S-1)(SE^2/X)^2, X = Q/(S(S-1)) (normal when tau^2 = 0); "
+                      "H1: method has the "
+                      "smaller signed gap"}
 
 
 def _shared_samples(pairs: Sequence[SeedPair]) -> bool:
@@ -107,17 +130,32 @@ def _shared_samples(pairs: Sequence[SeedPair]) -> bool:
     return True
 
 
-def _joint_replicates(pairs: Sequence[SeedPair], d: Direction, n_boot: int, seed: int, run: str) -> np.ndarray:
-    """``[B, S]`` replicates of every seed's d under one shared draw of units per replicate."""
+def _joint(pairs: Sequence[SeedPair], names: list[str], d: Direction, n_boot: int, n_perm: int, seed: int,
+           level: float, ci_method: str, run: str) -> tuple[list[dict], np.ndarray]:
+    """Per-seed rows and ``[B, S]`` replicates of every seed's d under one shared draw of units per replicate."""
     p0 = pairs[0]
     check_direction(d, list(p0.values), "pool_paired")
     units = build_units(p0.values, [d.advantaged, d.disadvantaged], p0.clusters, p0.labels)
     engines = [(GapEngine(as_metric(p.baseline), units), GapEngine(as_metric(p.method), units)) for p in pairs]
     rng = stream(seed, run, "pooled", d.attribute, d.advantaged, d.disadvantaged)
-    out = []
+    flat = [e for pair in engines for e in pair]
+    edges = np.cumsum([0] + [e.S.shape[1] for e in flat])
+    S_all = np.hstack([e.S for e in flat])  # one product per block for every seed and system
+    adv, n = flat[0].adv, flat[0].n
+    reps: list[list[np.ndarray]] = [[] for _ in flat]
     for W in iter_resample_weights(units.n_units, n_boot, rng, [units.members(0), units.members(1)]):
-        out.append(np.stack([ea.weighted(W) - eb.weighted(W) for ea, eb in engines], 1))
-    return np.concatenate(out)
+        A, Dm = W * adv, W * (1.0 - adv)
+        SA, SD, nA, nD = A @ S_all, Dm @ S_all, A @ n, Dm @ n
+        for k, e in enumerate(flat):
+            sl = slice(edges[k], edges[k + 1])
+            reps[k].append(e.sign * (e.reduce(SA[:, sl], nA) - e.reduce(SD[:, sl], nD)))
+    rows, cols = [], []
+    for k, (name, (ea, eb)) in enumerate(zip(names, engines)):
+        a, b = np.concatenate(reps[2 * k]), np.concatenate(reps[2 * k + 1])
+        null = swap_null(ea, eb, n_perm, stream(seed, run, name, "perm", d.attribute)) if n_perm else None
+        rows.append({"seed": name, **paired_summary(d, ea, eb, units, a, b, null, level, ci_method)})
+        cols.append(a - b)
+    return rows, np.stack(cols, 1)
 
 
 def pool_seeds(pairs: Sequence[tuple], direction: Direction | str, task: str = "report", metric: str | None = None,
