@@ -183,7 +183,9 @@ def projector_inputs(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> to
     finally:
         handle.remove()
     if "x" not in got:
-        raise FairllavaError(f"model {type(model).__name__}: the forward never called the projector (no image in the batch?)")
+        raise FairllavaError(
+            f"model {type(model).__name__}: the forward never called the projector (no image in the batch?)"
+        )
     return got["x"]
 
 
