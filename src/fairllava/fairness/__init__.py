@@ -15,6 +15,7 @@ from .paired import mcnemar_by_group, mcnemar_exact, paired_signed_gap
 from .permutation import all_groups_equal_pvalue
 from .pooling import SeedPair, pool_paired, pool_seeds
 from .signed import (KEY_METRIC, Direction, as_direction, direction_from_file, directions_from_datacard,
+                     directions_from_file,
                      parse_direction, rate_metric, signed_gap)
 from .counterfactual import counterfactual_gap, match_pairs, report_label_keys
 from .evaluate import EvalData, FairnessResult, evaluate_predictions, load_predictions
@@ -39,7 +40,7 @@ def write_comparison_report(results, pvalues, out_dir, overwrite: bool = False, 
 __all__ = [
     "bca_ci", "cluster_inverse", "compare_systems", "load_pair", "mcnemar_by_group", "mcnemar_exact", "paired_signed_gap",
     "all_groups_equal_pvalue", "SeedPair", "pool_paired", "pool_seeds", "KEY_METRIC", "Direction", "as_direction",
-    "direction_from_file", "directions_from_datacard", "parse_direction", "rate_metric", "signed_gap",
+    "direction_from_file", "directions_from_datacard", "directions_from_file", "parse_direction", "rate_metric", "signed_gap",
     "bootstrap_scores", "iter_resample_weights", "percentile_ci", "resample_weights", "rng_for", "ComparisonResult", "compare", "holm", "paired_pvalue",
     "counterfactual_gap", "match_pairs", "report_label_keys", "EvalData", "FairnessResult", "evaluate_predictions", "load_predictions",
     "ES_VARIANTS", "GroupIndex", "frame_scores", "group_index", "stratified_gap", "stratified_gaps",

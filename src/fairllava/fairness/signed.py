@@ -111,26 +111,43 @@ def directions_from_datacard(card: Mapping | str | os.PathLike) -> list[Directio
     return out
 
 
-def direction_from_file(predictions, attribute: str, task: str = "report", metric: str | None = None,
-                        n_min: int = 20, labels=None) -> Direction:
-    """The direction seen in *another* predictions file (e.g. the validation split): its best eligible group is
-    advantaged, its worst disadvantaged, on ``metric`` (default :data:`KEY_METRIC`)."""
+def directions_from_file(predictions, task: str = "report", attributes: Sequence[str] | None = None,
+                         metric: str | None = None, n_min: int = 20, labels=None) -> list[Direction]:
+    """Directions seen in *another* predictions file (e.g. the validation split): per attribute its best eligible
+    group is advantaged and its worst disadvantaged, on ``metric`` (default :data:`KEY_METRIC`). Attributes with
+    fewer than 2 eligible groups are skipped unless named in ``attributes``."""
     from .evaluate import evaluate_predictions
 
     metric = metric or KEY_METRIC[task]
-    res = evaluate_predictions(predictions, task, attributes=[attribute], n_boot=0, n_min=n_min, labels=labels,
-                               metrics=[metric])
-    vals = {g: res.groups[attribute][g].get(metric) for g in res.group_index[attribute].eligible}
-    vals = {g: v for g, v in vals.items() if v is not None}
-    if len(vals) < 2:
-        raise FairllavaError(f"{predictions}: {attribute} has fewer than 2 groups with n >= {n_min}; "
-                             "cannot read a direction from it")
+    res = evaluate_predictions(predictions, task, attributes=attributes, n_boot=0, n_perm=0, n_min=n_min,
+                               labels=labels, metrics=[metric], cluster=False)
+    if metric not in res.metric_stats:
+        raise FairllavaError(f"{predictions}: metric {metric!r} unavailable ({res.skipped.get(metric, 'not computed')})")
     hib = res.metric_stats[metric].meta.get("higher_is_better", True)
-    best, worst = (max, min) if hib else (min, max)
-    adv, dis = best(vals, key=vals.get), worst(vals, key=vals.get)
-    if vals[adv] == vals[dis]:
-        raise FairllavaError(f"{predictions}: {attribute} groups score equally on {metric}; no direction to read")
-    return Direction(attribute, adv, dis, f"{predictions} ({metric}: {adv} {vals[adv]:.2f} vs {dis} {vals[dis]:.2f})")
+    out = []
+    for attribute in res.attributes:
+        if "&" in attribute:
+            continue
+        vals = {g: res.groups[attribute][g].get(metric) for g in res.group_index[attribute].eligible}
+        vals = {g: v for g, v in vals.items() if v is not None}
+        if len(vals) < 2 or max(vals.values()) == min(vals.values()):
+            if attributes is not None:
+                raise FairllavaError(f"{predictions}: {attribute} has no two groups with n >= {n_min} and different "
+                                     f"{metric}; cannot read a direction from it")
+            continue
+        best, worst = (max, min) if hib else (min, max)
+        adv, dis = best(vals, key=vals.get), worst(vals, key=vals.get)
+        out.append(Direction(attribute, adv, dis,
+                             f"{predictions} ({metric}: {adv} {vals[adv]:.2f} vs {dis} {vals[dis]:.2f})"))
+    if not out:
+        raise FairllavaError(f"{predictions}: no attribute with two groups of n >= {n_min} to read a direction from")
+    return out
+
+
+def direction_from_file(predictions, attribute: str, task: str = "report", metric: str | None = None,
+                        n_min: int = 20, labels=None) -> Direction:
+    """:func:`directions_from_file` for one attribute."""
+    return directions_from_file(predictions, task, [attribute], metric, n_min, labels)[0]
 
 
 def check_direction(d: Direction, values: Mapping[str, Sequence] | Sequence, source: str) -> None:

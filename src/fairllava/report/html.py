@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 
 from .document import Figure, Heading, Para, Table, fmt
 
@@ -12,6 +13,11 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-widt
 h1{font-size:1.6em}h2{font-size:1.3em;border-bottom:1px solid #ddd;padding-bottom:.2em}code{background:#f5f5f5}"""
 
 
+def _bold(text: str) -> str:
+    """``**x**`` (the Markdown the verdict lines use) -> ``<strong>x</strong>``."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+
+
 def render_html(blocks, title: str) -> str:
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body>"]
@@ -19,7 +25,7 @@ def render_html(blocks, title: str) -> str:
         if isinstance(b, Heading):
             parts.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
         elif isinstance(b, Para):
-            parts.append(f"<p>{html.escape(b.text)}</p>")
+            parts.append(f"<p>{_bold(html.escape(b.text))}</p>")
         elif isinstance(b, Table):
             head = "".join(f"<th>{html.escape(fmt(h))}</th>" for h in b.header)
             body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in row) + "</tr>" for row in b.rows)

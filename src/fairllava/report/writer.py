@@ -16,6 +16,8 @@ from typing import Sequence
 from ..io import atomic_dir
 from .document import Figure, Heading, Para, Table, fmt_ci, fmt_p
 from .html import render_html
+from .inference import (all_equal_rows, comparison_lead, endpoint_blocks, evaluation_lead, mcnemar_blocks,
+                        pooled_blocks, pooled_lead, signed_blocks)
 from .markdown import render_markdown
 
 PRIMARY = ("bleu1", "bleu4", "rouge_l", "meteor", "cider", "keyword_f1_micro_14", "radgraph_f1", "green",
@@ -71,24 +73,45 @@ def fairness_rows(r) -> list[list]:
 
 
 def pvalue_rows(pvalues: list[dict]) -> tuple[list[str], list[list]]:
+    """Header = the union of the rows' keys (first-seen order); CI lists become ``*_l``/``*_h`` columns."""
     if not pvalues:
-        return ["attribute", "metric", "quantity", "p_one_sided", "p_two_sided"], []
-    header = list(pvalues[0].keys())
-    return header, [[p.get(k) for k in header] for p in pvalues]
+        return ["attribute", "metric", "quantity", "p_one_sided", "p_two_sided", "p_holm"], []
+    header: list[str] = []
+    flat = []
+    for p in pvalues:
+        row = {}
+        for k, v in p.items():
+            if isinstance(v, (list, tuple)) and len(v) == 2 and (k == "ci" or k.endswith("_ci")):
+                row[f"{k}_l"], row[f"{k}_h"] = v
+            elif isinstance(v, (list, tuple, dict)):
+                continue
+            else:
+                row[k] = v
+            for key in ([f"{k}_l", f"{k}_h"] if f"{k}_l" in row else [k] if k in row else []):
+                if key not in header:
+                    header.append(key)
+        flat.append(row)
+    return header, [[r.get(k) for k in header] for r in flat]
 
 
 def _definitions(r) -> str:
     es = "M_all / (1 + gap)" if r.es_variant == "maxmin" else "M_all / (1 + Σ_g |M_g − M_all|) (FairCLIP form)"
     return (f"All values in percent. Gap = max − min over groups with n ≥ {r.meta['n_min']}; ES = {es}, M_all = the "
             f"score on all {r.n} samples. 95% percentile bootstrap CIs from {r.meta['n_resamples']} "
-            f"{r.meta['bootstrap']} resamples (seed {r.meta['seed']}). Corpus metrics (BLEU, F1) are recomputed on "
+            f"{r.meta['bootstrap']} resamples (seed {r.meta['seed']}); resampling unit: "
+            f"{r.meta.get('resampling', 'iid')}. Corpus metrics (BLEU, F1) are recomputed on "
             "each group; per-sample metrics are averaged. Missing attribute values are excluded from that "
-            "attribute's groups but counted overall.")
+            "attribute's groups but counted overall. The max − min gap is never negative, so its CI is biased "
+            "upward near 0 and almost never contains 0 even when all groups are equal: use the signed gaps and "
+            "the \"all groups equal\" permutation p-values (Holm-adjusted over the attribute × metric cells) for "
+            "inference.")
 
 
 def evaluation_blocks(r, title: str = "Fairness evaluation", figures: bool = True) -> list:
-    blocks: list = [Heading(title, 1), Para(f"Task: {r.task}; {r.n} samples; source {r.meta.get('source')}; "
-                                            f"data hash {r.meta.get('data_hash', '')[:12]}."), Para(_definitions(r))]
+    blocks: list = [Heading(title, 1), *evaluation_lead(r), *signed_blocks(r),
+                    Heading("Data and definitions"),
+                    Para(f"Task: {r.task}; {r.n} samples; source {r.meta.get('source')}; "
+                         f"data hash {r.meta.get('data_hash', '')[:12]}."), Para(_definitions(r))]
     if r.skipped:
         blocks.append(Para("Skipped metrics: " + "; ".join(f"{m}: {why}" for m, why in r.skipped.items())))
     if any(m.startswith("keyword_f1") for m in r.metrics):
@@ -97,6 +120,7 @@ def evaluation_blocks(r, title: str = "Fairness evaluation", figures: bool = Tru
     blocks += [Heading("Overall"), Table(["metric", "value [95% CI]"],
                                          [[m, fmt_ci(r.overall[m], r.ci["overall"].get(m))] for m in r.metrics])]
     es_key = "es" if r.es_variant == "maxmin" else "es_fairclip"
+    p_eq, p_eq_holm = all_equal_rows(r)
     for a in r.attributes:
         blocks.append(Heading(f"Attribute: {a}"))
         if r.excluded[a]:
@@ -112,8 +136,10 @@ def evaluation_blocks(r, title: str = "Fairness evaluation", figures: bool = Tru
         for m in r.metrics:
             w = r.worst[a][m]
             rows.append([m, fmt_ci(r.gap[a][m], r.ci["gap"][a].get(m)), fmt_ci(r.es_reported[a][m], r.ci[es_key][a].get(m)),
-                         "–" if not w else f"{w['group']} ({w['value']:.2f})", fmt_ci(r.std[a][m], None)])
-        blocks.append(Table(["metric", "gap [95% CI]", f"ES ({r.es_variant}) [95% CI]", "worst group", "std of groups"], rows))
+                         "–" if not w else f"{w['group']} ({w['value']:.2f})", fmt_ci(r.std[a][m], None),
+                         fmt_p(p_eq.get((a, m))), fmt_p(p_eq_holm.get((a, m)))])
+        blocks.append(Table(["metric", "gap [95% CI]", f"ES ({r.es_variant}) [95% CI]", "worst group", "std of groups",
+                             "p all groups equal", "p Holm"], rows))
         if figures:
             blocks.append(Figure(f"{a}: per-group scores", _fig_group(r, a)))
             blocks.append(Figure(f"{a}: gap and ES", _fig_gap([r], a)))
@@ -194,10 +220,14 @@ def write_evaluation(result, out_dir, overwrite: bool = False, title: str = "Fai
     return out
 
 
-def comparison_blocks(results: dict, pvalues: list[dict], meta: dict | None = None) -> list:
+def comparison_blocks(results: dict, pvalues: list[dict], meta: dict | None = None, endpoints: list[dict] | None = None,
+                      mcnemar: dict | None = None) -> list:
     names = list(results)
     first = results[names[0]]
-    blocks: list = [Heading("Fairness comparison: " + " vs ".join(names), 1), Para(_definitions(first))]
+    blocks: list = [Heading("Fairness comparison: " + " vs ".join(names), 1),
+                    *comparison_lead(endpoints or [], names, (meta or {}).get("primary", [])),
+                    *endpoint_blocks(endpoints or [], names), *mcnemar_blocks(mcnemar or {}, names),
+                    Heading("Data and definitions"), Para(_definitions(first))]
     if meta:
         blocks.append(Para(f"Compared on {meta.get('n_shared', first.n)} shared ids "
                            f"({meta.get('n_only_first', 0)} only in {names[0]}, {meta.get('n_only_second', 0)} only in "
@@ -220,16 +250,21 @@ def comparison_blocks(results: dict, pvalues: list[dict], meta: dict | None = No
             blocks.append(Figure(f"{a}: per-group scores, {n}", _fig_group(r, a)))
     if pvalues:
         blocks.append(Heading("Paired bootstrap p-values"))
+        blocks.append(Para("Max − min gap and ES (exploratory; the paired bootstrap on max − min has little power). "
+                           "p_holm: Holm over this table."))
         header, rows = pvalue_rows(pvalues)
         blocks.append(Table(header, [[fmt_p(v) if k.startswith("p_") else v for k, v in zip(header, row)] for row in rows]))
     return blocks
 
 
 def write_comparison_report(results: dict, pvalues: list[dict], out_dir, overwrite: bool = False,
-                            meta: dict | None = None, per_system: bool = True, audit: dict | None = None) -> Path:
+                            meta: dict | None = None, per_system: bool = True, audit: dict | None = None,
+                            endpoints: list[dict] | None = None, mcnemar: dict | None = None) -> Path:
     """One folder for several systems: ``report.md``, ``report.html``, ``pvalues.csv``, ``fairness.csv`` (with a
     ``system`` column), ``metrics.json`` and ``meta.json`` keyed by system; plus each system's full evaluation
-    folder under ``<name>/`` when ``per_system``."""
+    folder under ``<name>/`` when ``per_system``. ``endpoints``/``mcnemar`` (from
+    :class:`~fairllava.fairness.compare.ComparisonResult`) lead the report and head ``pvalues.csv``; they are
+    also written to ``endpoints.json``."""
     if not results:
         raise ValueError("results must name at least one system")
     out = Path(out_dir)
@@ -237,8 +272,12 @@ def write_comparison_report(results: dict, pvalues: list[dict], out_dir, overwri
         if per_system:
             for name, r in results.items():
                 _write_files(r, tmp / _safe(name), f"Fairness evaluation: {name}")
-        header, rows = pvalue_rows(pvalues)
+        header, rows = pvalue_rows(list(endpoints or []) + list(pvalues))
         (tmp / "pvalues.csv").write_text(_csv(header, rows), encoding="utf-8")
+        if endpoints or mcnemar:
+            (tmp / "endpoints.json").write_text(json.dumps({"primary": (meta or {}).get("primary", []),
+                                                            "endpoints": endpoints or [], "mcnemar": mcnemar or {}},
+                                                           indent=2) + "\n", encoding="utf-8")
         (tmp / "fairness.csv").write_text(_csv(["system"] + FAIRNESS_HEADER,
                                                [[n] + row for n, r in results.items() for row in fairness_rows(r)]),
                                           encoding="utf-8")
@@ -246,12 +285,46 @@ def write_comparison_report(results: dict, pvalues: list[dict], out_dir, overwri
                                           encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps({"comparison": meta or {}, "systems": {n: r.meta for n, r in results.items()}},
                                                   indent=2) + "\n", encoding="utf-8")
-        blocks = comparison_blocks(results, pvalues, meta)
+        blocks = comparison_blocks(results, pvalues, meta, endpoints, mcnemar)
         if audit is not None:
             blocks += audit_blocks(audit)
             (tmp / "audit.json").write_text(json.dumps(audit, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
         (tmp / "report.html").write_text(render_html(blocks, "Fairness comparison"), encoding="utf-8")
+    return out
+
+
+def write_pooled_report(pooled: list[dict], out_dir, names: tuple[str, str] = ("baseline", "method"),
+                        meta: dict | None = None, overwrite: bool = False) -> Path:
+    """Several seeds' (baseline, method) pairs: the pooled verdict first, then the per-seed tables.
+
+    Writes ``report.md``, ``report.html``, ``pooled.json`` (every endpoint's per-seed rows and pooled estimate),
+    ``per_seed.csv``, ``pvalues.csv`` (pooled rows, Holm over the primary family) and ``meta.json``."""
+    out = Path(out_dir)
+    names = tuple(names)
+    blocks: list = [Heading("Fairness comparison over seeds: " + " vs ".join(names), 1), *pooled_lead(pooled, names),
+                    *pooled_blocks(pooled, names)]
+    per_seed = [[f"{p['attribute']}:{p['metric']}", r["seed"], r.get("baseline_file"), r.get("method_file"),
+                 r["baseline"], r["method"], r["diff"], _ci(r["ci"], 0), _ci(r["ci"], 1), r["p_value"]]
+                for p in pooled for r in p["per_seed"]]
+    prow = [{"endpoint": f"{p['attribute']}:{p['metric']}", "family": "primary", "direction":
+             f"{p['attribute']}={p['advantaged']}>{p['disadvantaged']}", "n_seeds": p["pooled"]["n_seeds"],
+             "diff": p["pooled"]["diff"], "ci": p["pooled"]["ci"], "p_value": p["pooled"]["p_value"],
+             "p_two_sided": p["pooled"]["p_two_sided"], "p_holm": p["pooled"].get("p_holm")} for p in pooled]
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        (tmp / "pooled.json").write_text(json.dumps({"names": list(names), "endpoints": pooled}, indent=2) + "\n",
+                                         encoding="utf-8")
+        (tmp / "per_seed.csv").write_text(_csv(["endpoint", "pair", "baseline_file", "method_file", "baseline", "method",
+                                                "diff", "ci_l", "ci_h", "p_value"], per_seed), encoding="utf-8")
+        header, rows = pvalue_rows(prow)
+        (tmp / "pvalues.csv").write_text(_csv(header, rows), encoding="utf-8")
+        (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2) + "\n", encoding="utf-8")
+        (tmp / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
+        (tmp / "report.html").write_text(render_html(blocks, "Fairness comparison over seeds"), encoding="utf-8")
     return out
 
 
