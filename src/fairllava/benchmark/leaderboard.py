@@ -103,7 +103,7 @@ def build_leaderboard(out: str | Path, log: Callable[[str], None] = print) -> di
                 row["metrics"][m] = {
                     "overall": pooled(seeds, m, "overall", direction, **kw),
                     "groups": {g: pooled(seeds, m, f"group:{g}", direction, **kw) for g in direction},
-                    "signed_gap": pooled(seeds, m, "signed_gap", direction, n_perm=ev.n_perm, **kw),
+                    "signed_gap": pooled(seeds, m, "signed_gap", direction, **kw),
                     "es": pooled(seeds, m, "es", direction, **kw),
                 }
             if variant != plan.baseline:

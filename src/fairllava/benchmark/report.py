@@ -128,11 +128,12 @@ def _blocks(board: dict, figures: dict[str, bytes], markdown: bool) -> list:
         blocks += [Heading("Corrupt run folders (left out)"),
                    Table(["path", "reason"], [[c["path"], c["reason"]] for c in board["corrupt"]])]
     blocks += [Heading("Definitions"), Para(
-        "Values in percent, pooled over seeds (mean of per-seed values); CIs 95 %, two-level bootstrap (seeds, then "
-        "patients within seed, stratified by group). Signed gap = advantaged − disadvantaged group (for the "
-        "false-positive rate: disadvantaged − advantaged), so > 0 means the minority is worse off. p (gap = 0): "
-        "permutation of group labels among patients within label strata. Gap reduction = gap(baseline) − "
-        "gap(method) on the same test samples; p from swapping the two systems' outputs per patient. ES = "
+        "Values in percent, pooled over seeds (mean of per-seed values); 95 % CIs and p-values from a random-effects "
+        "SE (between-seed variance + each seed's patient-level bootstrap variance, stratified by group), normal "
+        "reference. Signed gap = advantaged − disadvantaged group (for the false-positive rate: disadvantaged − "
+        "advantaged), so > 0 means the minority is worse off; p (gap = 0) two-sided. Gap reduction = gap(baseline) − "
+        "gap(method) on the same test samples (fairllava.fairness.pool_paired: paired bootstrap and per-patient swap "
+        "permutation per seed, random-effects pooling), two-sided p, Holm-adjusted over the primary family. ES = "
         "overall / (1 + |gap|). FPR = share of test cases without the shortcut label answered with it. Probe: "
         "balanced accuracy of a linear probe of the attribute within each label (chance 50).")]
     return blocks

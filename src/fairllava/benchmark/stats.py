@@ -5,12 +5,16 @@ function computes it for every method. Everything works on *units* (``group_id``
 patient's images are resampled and permuted together) and on :class:`~fairllava.metrics.base.MetricStats`
 (corpus metrics are recomputed on each group from summed statistics).
 
+The signed gap's paired effect and the false-positive-rate metric are :mod:`fairllava.fairness`'s own
+(``pool_paired``, ``rate_metric``); the rest is pooled with the same random-effects estimator.
+
 - per seed, a quantity ``q`` of a metric: ``overall``, ``group:<g>``, ``signed_gap`` (advantaged − disadvantaged;
   disadvantaged − advantaged for error rates, so > 0 always means the disadvantaged group is worse off), ``es``;
-- pooled over seeds: the mean of the per-seed values; CI from a two-level bootstrap (seeds drawn with
-  replacement, then units within each drawn seed, stratified by group); a pooled permutation p-value;
+- pooled over seeds: the mean of the per-seed values, with a random-effects SE (between-seed variance by
+  moments plus each seed's unit-bootstrap variance, stratified by group); normal CI and p;
 - paired effect of a method vs the baseline: mean over seeds of ``q(method) − q(baseline)`` on the same test
-  samples, CI from the two-level paired bootstrap, p from swapping the two systems' outputs per unit (sign flip).
+  samples; for the signed gap via ``fairness.pool_paired`` (paired permutation per seed), else a paired
+  unit bootstrap per seed, pooled the same way.
 """
 from __future__ import annotations
 
@@ -22,7 +26,6 @@ import numpy as np
 
 from ..errors import FairllavaError
 from ..io import read_jsonl, stable_hash
-from ..metrics.base import MetricStats
 
 SIGNATURE = "signature_fpr"
 
@@ -32,20 +35,6 @@ def _rng(seed: int, *key) -> np.random.Generator:
 
 
 # ---------------------------------------------------------------------------------------------- per-seed data
-
-
-def _rate_reduce(sums: np.ndarray, n: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(sums[..., 1] > 0, 100.0 * sums[..., 0] / np.where(sums[..., 1] > 0, sums[..., 1], 1), np.nan)
-
-
-def rate_metric(predicted: Sequence[str], true: Sequence[str], label: str) -> MetricStats:
-    """False-positive rate of ``label`` in percent: among samples whose true label is not ``label``, the share
-    answered ``label`` (an error rate: lower is better)."""
-    elig = np.array([t != label for t in true], dtype=np.float64)
-    hit = np.array([p == label for p in predicted], dtype=np.float64) * elig
-    return MetricStats(SIGNATURE, np.stack([hit, elig], 1), _rate_reduce, "rate", None,
-                       {"higher_is_better": False, "label": label, "scale": "percent"})
 
 
 def shortcut_target(card: dict) -> str:
@@ -94,6 +83,7 @@ class SeedData:
     labels: list  # task label per sample
     clusters: np.ndarray  # unit index per sample (group_id, order of first appearance)
     metrics: dict  # name -> MetricStats
+    attribute: str = ""
 
     def units(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """Per-unit summed statistics ``[U, K]`` and sample counts ``[U]``."""
@@ -109,16 +99,6 @@ class SeedData:
         for c, v in zip(self.clusters, self.values):
             out[c] = v
         return out
-
-    def unit_strata(self) -> np.ndarray:
-        """Permutation strata: units with the same multiset of task labels."""
-        U = int(self.clusters.max()) + 1
-        labs: list[list] = [[] for _ in range(U)]
-        for c, y in zip(self.clusters, self.labels):
-            labs[c].append(str(y))
-        keys = {}
-        return np.array([keys.setdefault(tuple(sorted(x)), len(keys)) for x in labs], dtype=np.int64)
-
 
 def load_seed(preds_path: str | Path, records_path: str | Path, card: dict, task: str, attribute: str,
               metrics: Sequence[str], seed: int) -> SeedData:
@@ -137,12 +117,14 @@ def load_seed(preds_path: str | Path, records_path: str | Path, card: dict, task
                                 labels=card["labels"] if EVAL_TASK[task] == "vqa" else None)
     out = {m: built[m] for m in metrics if m != SIGNATURE}
     labels = [str(r.get("label")) for r in rows]
+    from ..fairness import rate_metric
+
     out[SIGNATURE] = rate_metric(predicted_labels([r["prediction"] for r in rows], card, task), labels,
                                  shortcut_target(card))
     seen: dict = {}
     clusters = np.array([seen.setdefault(groups[str(r["id"])], len(seen)) for r in rows], dtype=np.int64)
     values = [(r.get("attributes") or {}).get(attribute) for r in rows]
-    return SeedData(seed, [str(r["id"]) for r in rows], values, labels, clusters, out)
+    return SeedData(seed, [str(r["id"]) for r in rows], values, labels, clusters, out, attribute)
 
 
 # ---------------------------------------------------------------------------------------------- quantities
@@ -187,15 +169,6 @@ class _Quantity:
 
         return self._combine(m)
 
-    def swapped(self, other: "_Quantity", M: np.ndarray) -> np.ndarray:
-        """Values for systems that take ``other``'s unit where ``M[P, U]`` = 1 and this one's elsewhere."""
-        def m(mask):
-            mk = np.ones(len(self.n)) if mask is None else mask
-            sums = ((1.0 - M) * mk) @ self.S + (M * mk) @ other.S
-            return self.ms.reduce(sums, np.full(M.shape[0], mk @ self.n))
-
-        return self._combine(m)
-
     def ones(self) -> np.ndarray:
         return np.ones((1, len(self.n)))
 
@@ -210,30 +183,25 @@ def _boot(q: _Quantity, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([q(W) for W in iter_resample_weights(len(q.n), n_boot, rng, q.strata())])
 
 
-def _pool(reps: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """Two-level replicates: seeds drawn with replacement, each contributing an independent unit-level replicate."""
-    R = np.stack(reps)  # [k, B]
-    k, B = R.shape
-    if k == 1:
-        return R[0]
-    J = rng.integers(k, size=(B, k))
-    I = rng.integers(B, size=(B, k))
-    return np.nanmean(R[J, I], axis=1)
+def _random_effects(values: Sequence[float], variances: Optional[Sequence[float]], level: float) -> dict:
+    """Mean over seeds with a random-effects SE (the estimator of ``fairness.pool_paired`` with independent
+    per-seed samples): ``τ²`` by moments, ``SE² = τ²/S + Σ σ_s² / S²``; normal CI and two-sided p for 0."""
+    from scipy.stats import norm
 
-
-def _ci(reps: np.ndarray, level: float) -> Optional[list]:
-    reps = reps[np.isfinite(reps)]
-    if reps.size < 2:
-        return None
-    a = (1 - level) / 2
-    return [float(np.quantile(reps, a)), float(np.quantile(reps, 1 - a))]
-
-
-def _p_two_sided(observed: float, null: np.ndarray) -> Optional[float]:
-    null = null[np.isfinite(null)]
-    if not np.isfinite(observed) or null.size == 0:
-        return None
-    return float((1 + np.sum(np.abs(null) >= abs(observed) - 1e-12)) / (1 + null.size))
+    v = np.asarray(values, dtype=np.float64)
+    out = {"value": _f(np.mean(v)) if v.size else None, "ci": None, "se": None, "tau2": None, "p_value": None}
+    if variances is None or not v.size or not np.all(np.isfinite(v)):
+        return out
+    var = np.asarray(variances, dtype=np.float64)
+    if not np.all(np.isfinite(var)):
+        return out
+    S, mean = v.size, float(v.mean())
+    tau2 = max(0.0, (float(np.sum((v - mean) ** 2)) - float(var.sum()) * (1 - 1 / S)) / (S - 1)) if S > 1 else 0.0
+    se = float(np.sqrt(tau2 / S + var.sum() / S ** 2))
+    z = float(norm.ppf((1 + level) / 2))
+    out.update(ci=[mean - z * se, mean + z * se], se=se, tau2=tau2,
+               p_value=_f(2 * norm.sf(abs(mean) / se)) if se > 0 else None)
+    return out
 
 
 def _f(x) -> Optional[float]:
@@ -241,72 +209,64 @@ def _f(x) -> Optional[float]:
     return x if np.isfinite(x) else None
 
 
+POOLING = ("mean over seeds; CI and p from a random-effects SE (between-seed variance by moments + each seed's "
+           "unit-bootstrap variance), normal reference")
+
+
 def pooled(seeds: Sequence[SeedData], metric: str, quantity: str, direction: tuple[str, str], *, n_boot: int,
-           n_perm: int = 0, seed: int = 0, level: float = 0.95, key: str = "") -> dict:
-    """Mean over seeds of ``quantity`` with a two-level bootstrap CI; for ``signed_gap`` also a pooled
-    permutation p-value (group labels permuted among units within label strata, in every seed)."""
+           seed: int = 0, level: float = 0.95, key: str = "") -> dict:
+    """``quantity`` of one system pooled over seeds (see :data:`POOLING`); p-value only for ``signed_gap``."""
     qs = [_Quantity(sd, metric, quantity, *direction) for sd in seeds]
     per_seed = [float(q(q.ones())[0]) for q in qs]
-    value = float(np.nanmean(per_seed)) if per_seed else float("nan")
-    out = {"value": _f(value), "ci": None, "p_value": None, "per_seed": [_f(v) for v in per_seed],
-           "seeds": [sd.seed for sd in seeds]}
-    if n_boot:
-        reps = [_boot(q, n_boot, _rng(seed, key, metric, quantity, "boot", sd.seed)) for q, sd in zip(qs, seeds)]
-        out["ci"] = _ci(_pool(reps, _rng(seed, key, metric, quantity, "pool")), level)
-    if n_perm and quantity == "signed_gap":
-        null = np.mean([_perm_gap(q, sd, n_perm, _rng(seed, key, metric, "perm", sd.seed)) for q, sd in zip(qs, seeds)], 0)
-        out["p_value"] = _p_two_sided(value, null)
-    return out
-
-
-def _perm_gap(q: _Quantity, sd: SeedData, n_perm: int, rng: np.random.Generator) -> np.ndarray:
-    strata = sd.unit_strata()
-    adv0, dis0 = q.adv.copy(), q.dis.copy()
-    both = np.flatnonzero((adv0 + dis0) > 0)
-    out = np.empty(n_perm)
-    for p in range(n_perm):
-        adv, dis = adv0.copy(), dis0.copy()
-        for s in np.unique(strata[both]):
-            idx = both[strata[both] == s]
-            perm = rng.permutation(idx)
-            adv[idx], dis[idx] = adv0[perm], dis0[perm]
-        q.adv, q.dis = adv, dis
-        out[p] = q(q.ones())[0]
-    q.adv, q.dis = adv0, dis0
-    return out
+    var = None
+    if n_boot >= 2:
+        var = [float(np.nanvar(_boot(q, n_boot, _rng(seed, key, metric, quantity, "boot", sd.seed)), ddof=1))
+               for q, sd in zip(qs, seeds)]
+    out = _random_effects(per_seed, var, level)
+    if quantity != "signed_gap":
+        out["p_value"] = None
+    return {**out, "per_seed": [_f(v) for v in per_seed], "seeds": [sd.seed for sd in seeds]}
 
 
 def paired_effect(base: Sequence[SeedData], method: Sequence[SeedData], metric: str, quantity: str,
                   direction: tuple[str, str], *, n_boot: int, n_perm: int, seed: int = 0, level: float = 0.95,
                   key: str = "") -> dict:
-    """Mean over seeds of ``q(method) − q(base)`` on the same samples, paired CI and sign-flip p-value."""
+    """Mean over seeds of ``q(method) − q(base)`` on the same samples (paired), with CI and two-sided p.
+
+    ``signed_gap`` goes through :func:`fairllava.fairness.pool_paired` (paired unit bootstrap, paired permutation
+    per seed, random-effects pooling); other quantities use the same pooling on a paired unit bootstrap.
+    """
     if [b.seed for b in base] != [m.seed for m in method]:
         raise FairllavaError(f"paired effect: seeds differ ({[b.seed for b in base]} vs {[m.seed for m in method]})")
-    diffs, reps, nulls = [], [], []
     for b, m in zip(base, method):
         if b.ids != m.ids:
             raise FairllavaError(f"seed {b.seed}: baseline and method predictions cover different ids")
+    if quantity == "signed_gap" and n_boot >= 2:
+        from ..fairness import Direction, SeedPair, pool_paired
+
+        d = Direction(base[0].attribute or "attribute", direction[0], direction[1], "datacard")
+        pairs = [SeedPair(b.metrics[metric], m.metrics[metric], b.values, b.clusters.tolist(), b.labels, b.ids,
+                          name=f"seed{b.seed}") for b, m in zip(base, method)]
+        res = pool_paired(pairs, d, n_boot=n_boot, n_perm=n_perm, seed=seed, level=level, run=f"{key}:{metric}")
+        pl = res["pooled"]
+        return {"value": None if pl["diff"] is None else -pl["diff"],
+                "ci": None if pl["ci"] is None else [-pl["ci"][1], -pl["ci"][0]], "se": pl["se"], "tau2": pl["tau2"],
+                "p_value": pl["p_two_sided"], "per_seed": [None if r["diff"] is None else -r["diff"]
+                                                          for r in res["per_seed"]],
+                "per_seed_p": [r["p_two_sided"] for r in res["per_seed"]], "seeds": [b.seed for b in base],
+                "statistic": "fairllava.fairness.pool_paired (sign flipped: method − baseline)"}
+    diffs, var = [], [] if n_boot >= 2 else None
+    for b, m in zip(base, method):
         qb, qm = _Quantity(b, metric, quantity, *direction), _Quantity(m, metric, quantity, *direction)
         diffs.append(float(qm(qm.ones())[0] - qb(qb.ones())[0]))
-        if n_boot:
-            rng = _rng(seed, key, metric, quantity, "paired-boot", b.seed)
+        if var is not None:
             from ..fairness.bootstrap import iter_resample_weights
 
-            reps.append(np.concatenate([qm(W) - qb(W) for W in
-                                        iter_resample_weights(len(qb.n), n_boot, rng, qb.strata())]))
-        if n_perm:
-            rng = _rng(seed, key, metric, quantity, "paired-perm", b.seed)
-            M = (rng.random((n_perm, len(qb.n))) < 0.5).astype(np.float64)
-            qa, qc = qb.swapped(qm, M), qb.swapped(qm, 1.0 - M)  # the two systems after per-unit swaps
-            nulls.append(qc - qa)
-    value = float(np.mean(diffs))
-    out = {"value": _f(value), "ci": None, "p_value": None, "per_seed": [_f(d) for d in diffs],
-           "seeds": [b.seed for b in base]}
-    if n_boot:
-        out["ci"] = _ci(_pool(reps, _rng(seed, key, metric, quantity, "paired-pool")), level)
-    if n_perm:
-        out["p_value"] = _p_two_sided(value, np.mean(nulls, axis=0))
-    return out
+            rng = _rng(seed, key, metric, quantity, "paired-boot", b.seed)
+            reps = np.concatenate([qm(W) - qb(W) for W in iter_resample_weights(len(qb.n), n_boot, rng, qb.strata())])
+            var.append(float(np.nanvar(reps, ddof=1)))
+    return {**_random_effects(diffs, var, level), "per_seed": [_f(d) for d in diffs],
+            "seeds": [b.seed for b in base], "statistic": POOLING}
 
 
 def holm(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:

@@ -1,0 +1,60 @@
+"""Simulation checks of the benchmark's statistics adapter (pooled over seeds, random-effects SE)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fairllava.benchmark.stats import SeedData, paired_effect, pooled
+from fairllava.metrics.base import mean_metric
+
+N = 150  # per group, as on the benchmark's test split
+
+
+def _seed(rng, seed: int, p_light: float, p_dark: float, correct=None) -> SeedData:
+    values = ["light"] * N + ["dark"] * N
+    if correct is None:
+        correct = np.concatenate([rng.random(N) < p_light, rng.random(N) < p_dark])
+    labels = [["MEL", "NV", "VASC"][i % 3] for i in range(2 * N)]
+    return SeedData(seed, [str(i) for i in range(2 * N)], values, labels, np.arange(2 * N),
+                    {"accuracy": mean_metric("accuracy", 100.0 * correct)}, "race")
+
+
+def test_pooled_signed_gap_covers_the_mean_gap_under_seed_to_seed_variation():
+    rng = np.random.default_rng(0)
+    cover, n_sim = 0, 120
+    for sim in range(n_sim):
+        seeds = []
+        for k in range(3):
+            g = (10 + rng.normal(0, 2)) / 100  # each seed's true gap varies around 10 points
+            seeds.append(_seed(rng, k, 0.7 + g / 2, 0.7 - g / 2))
+        ci = pooled(seeds, "accuracy", "signed_gap", ("light", "dark"), n_boot=200, seed=sim)["ci"]
+        cover += ci[0] <= 10 <= ci[1]
+    assert 0.88 <= cover / n_sim <= 0.995
+
+
+def test_pooled_signed_gap_type_one_error_and_power():
+    rng = np.random.default_rng(1)
+    null = [pooled([_seed(rng, k, 0.7, 0.7) for k in range(3)], "accuracy", "signed_gap", ("light", "dark"),
+                   n_boot=200, seed=s)["p_value"] for s in range(100)]
+    alt = [pooled([_seed(rng, k, 0.74, 0.66) for k in range(3)], "accuracy", "signed_gap", ("light", "dark"),
+                  n_boot=200, seed=s)["p_value"] for s in range(60)]
+    assert np.mean(np.array(null) < 0.05) <= 0.10
+    assert np.mean(np.array(alt) < 0.05) >= 0.6  # 8 points, 3 seeds x 150 per group
+
+
+def test_paired_effect_is_exact_on_identical_systems_and_calibrated_under_the_null():
+    rng = np.random.default_rng(2)
+    base = [_seed(rng, k, 0.7, 0.6) for k in range(2)]
+    same = paired_effect(base, base, "accuracy", "overall", ("light", "dark"), n_boot=100, n_perm=100)
+    assert same["value"] == 0 and same["ci"] == pytest.approx([0, 0])
+    ps = []
+    for s in range(80):
+        b, m = [], []
+        for k in range(2):
+            shared = rng.random(2 * N) < 0.65  # the two fine-tunes agree on most samples
+            flip = rng.random(2 * N) < 0.2
+            other = np.where(flip, rng.random(2 * N) < 0.65, shared)
+            b.append(_seed(rng, k, 0, 0, shared))
+            m.append(_seed(rng, k, 0, 0, other))
+        ps.append(paired_effect(b, m, "accuracy", "overall", ("light", "dark"), n_boot=200, n_perm=0, seed=s)["p_value"])
+    assert np.mean(np.array(ps) < 0.05) <= 0.12
