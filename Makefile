@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench results clean
+.PHONY: install demo test test-fast bench results clean benchmark
 
 install: $(STAMP)
 
@@ -49,3 +49,11 @@ gpu-check:
 
 gpu-check-tiny:
 	$(GPU_PY) bench/gpu_check.py --tiny --no-install $(GPU_CHECK_ARGS)
+
+# The pre-registered benchmark (docs/protocol.md): runs or resumes the final plan, then writes the leaderboard
+# (leaderboard.{md,csv,html,json} + plots) into $(BENCHMARK_OUT). Finished runs are never redone.
+BENCHMARK_PLAN ?= configs/benchmark/final.yaml
+BENCHMARK_OUT  ?= runs/benchmark-final
+BENCHMARK_ARGS ?= --jobs 2 --threads-per-job 1
+benchmark: $(STAMP)
+	$(VENV)/bin/fairllava benchmark run $(BENCHMARK_PLAN) --out $(BENCHMARK_OUT) $(BENCHMARK_ARGS)

@@ -128,7 +128,41 @@ def build_leaderboard(out: str | Path, log: Callable[[str], None] = print) -> di
                       "total": len(ok) + len(missing) + len(corrupt)},
              "corrupt": corrupt, "rows": rows}
     apply_family(board, plan)
+    board["selection"] = selection_summary(board, plan)
     return board
+
+
+#: Selection rule (docs/protocol.md): eligible trials keep the pooled overall primary metric within this many
+#: points of the baseline's; among them the smallest pooled signed gap wins (ties: the lower trial index).
+SELECTION_MARGIN = 2.0
+
+
+def selection_summary(board: dict, plan: Plan) -> dict:
+    """Per task and method with trials: the chosen trial and its settings, by the pre-declared rule."""
+    out: dict = {}
+    for task in plan.tasks:
+        rows = [r for r in board["rows"] if r["task"] == task and r["strength"] == float(plan.primary.strength)]
+        base = next((r for r in rows if r["method"] == plan.baseline), None)
+        if base is None:
+            continue
+        m = plan.primary_metric(task)
+        floor = base["metrics"][m]["overall"]["value"] - SELECTION_MARGIN
+        for entry, spec in plan.methods.items():
+            if not spec.trials:
+                continue
+            trials = [r for r in rows if r["entry"] == entry]
+            if len(trials) < len(spec.trials):
+                out.setdefault(task, {})[entry] = {"chosen": None, "reason": "not every trial has finished"}
+                continue
+            ok = [r for r in trials if r["metrics"][m]["overall"]["value"] >= floor]
+            pick = min(ok, key=lambda r: (r["metrics"][m]["signed_gap"]["value"], r["method"])) if ok else None
+            out.setdefault(task, {})[entry] = {
+                "chosen": pick["method"] if pick else None,
+                "settings": plan.method_variants()[pick["method"]][1] if pick else None,
+                "reason": (f"smallest pooled signed {m} gap among {len(ok)} of {len(trials)} trials within "
+                           f"{SELECTION_MARGIN:g} points of {plan.baseline}'s overall") if pick else
+                          f"no trial within {SELECTION_MARGIN:g} points of {plan.baseline}'s overall {m}"}
+    return out
 
 
 def _leakage(paths: list[Path]) -> Optional[dict]:

@@ -124,6 +124,12 @@ def _blocks(board: dict, figures: dict[str, bytes], markdown: bool) -> list:
                                  for r in rows]))
     for name, png in figures.items():
         blocks.append(Para(f"![{name}]({name}.png)") if markdown else Figure(name, png))
+    if board.get("selection"):
+        blocks.append(Heading("Selection (pre-declared rule)"))
+        for task, entries in board["selection"].items():
+            blocks.append(Table(["task", "method", "chosen trial", "settings", "why"],
+                                [[task, e, s["chosen"] or "–", json.dumps(s.get("settings"), sort_keys=True)
+                                  if s.get("settings") is not None else "–", s["reason"]] for e, s in entries.items()]))
     if board["corrupt"]:
         blocks += [Heading("Corrupt run folders (left out)"),
                    Table(["path", "reason"], [[c["path"], c["reason"]] for c in board["corrupt"]])]

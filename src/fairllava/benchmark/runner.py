@@ -202,7 +202,7 @@ def _run(plan: Plan, out: Path, step: Step, progress: bool) -> dict:
     loaded = None  # (model, processor), loaded once for generation and the audit
     if not preds.is_file():
         t0 = time.perf_counter()
-        loaded = load_vlm(base, dtype="float32", adapter=folder / "train")
+        loaded = load_vlm(base, dtype=cfg["model"]["dtype"], adapter=folder / "train")
         generate_predictions(*loaded, records, preds, image_root=data / "images", batch_size=gen.batch_size,
                              max_new_tokens=gen.max_new_tokens, max_length=gen.max_length, progress=progress,
                              system_prompt=plan.system_prompt)
@@ -212,7 +212,7 @@ def _run(plan: Plan, out: Path, step: Step, progress: bool) -> dict:
         from .leakage import run_leakage_audit
 
         t0 = time.perf_counter()
-        loaded = loaded or load_vlm(base, dtype="float32", adapter=folder / "train")
+        loaded = loaded or load_vlm(base, dtype=cfg["model"]["dtype"], adapter=folder / "train")
         run_leakage_audit(plan, step, *loaded, data, records, folder / "audit", progress)
         seconds["audit"] = round(time.perf_counter() - t0, 1)
     del loaded
