@@ -9,7 +9,7 @@ import torch
 
 from fairllava.audit import (AuditConfig, FeatureConfig, FeatureSet, ProbeConfig, audit_features, extract_features,
                              grouped_folds, run_audit)
-from fairllava.audit.probes import _auc_w, _balanced_accuracy_w, ba_lower_bound, club_estimate
+from fairllava.audit.probes import _auc_w, _balanced_accuracy_w, ba_lower_bound, club_estimate, information_bound
 from fairllava.errors import FairllavaError
 
 
@@ -51,6 +51,26 @@ def test_mi_estimates():
     assert club_estimate(sure, y) > np.log(2)  # CLUB is an upper-bound estimate
 
 
+def test_information_bound_never_exceeds_entropy():
+    """On any input (over-confident misses, one class, skewed classes, weights) the figure is in [0, H(a)]."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        k = int(rng.integers(2, 6))
+        n = int(rng.integers(2, 60))
+        y = rng.integers(0, k if trial % 7 else 1, size=n)  # every 7th: a single class (H = 0)
+        logits = rng.normal(0, float(rng.choice([0.1, 3, 30])), size=(n, k))
+        logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+        W = rng.poisson(1.0, size=(5, n)).astype(float) + np.eye(1, n)  # bootstrap-like weights, never all zero
+        for bound, H in (information_bound(logp, y), information_bound(logp, y, W)):
+            assert np.all(bound >= 0) and np.all(bound <= H + 1e-12) and np.all(H <= np.log(k) + 1e-12)
+    y = np.array([0, 1] * 20)
+    sure = np.log(np.where(np.eye(2)[y] > 0, 1 - 1e-6, 1e-6))
+    wrong = np.log(np.where(np.eye(2)[y] > 0, 1e-6, 1 - 1e-6))  # confidently wrong: the raw bound is -13 nats
+    assert information_bound(sure, y)[0][0] == pytest.approx(np.log(2), abs=1e-4)
+    assert club_estimate(sure, y) > np.log(2)  # CLUB exceeds H(a) = ln 2; the bound cannot
+    assert information_bound(wrong, y)[0][0] == 0.0 and ba_lower_bound(wrong, y) < -10
+
+
 def _synthetic(n_groups=60, per=3, d=16, inject_layer=1, strength=2.5, seed=0):
     """Records + features where ``race`` is linearly encoded only at ``inject_layer`` (Bayes accuracy ~0.97)."""
     rng = np.random.default_rng(seed)
@@ -75,6 +95,10 @@ def test_injected_attribute_detected_and_chance_without():
     rows = {r["layer"]: r for r in res["models"]["m"]["attributes"]["race"]["per_layer"]}
     assert rows[1]["balanced_accuracy"] > 0.9 and rows[1]["ci"]["balanced_accuracy"][0] > 0.8
     assert rows[1]["mi"] > 0.3 and rows[1]["mi_lower"] > 0.2
+    H = res["attributes"]["race"]["entropy"]
+    assert H == pytest.approx(np.log(2)) and 0.2 < rows[1]["info_lower_bound"] <= H
+    assert all(0 <= r["info_lower_bound"] <= r["entropy"] for r in rows.values())
+    assert rows[1]["ci"]["info_lower_bound"][1] <= H
     for layer in (0, 2):
         assert abs(rows[layer]["balanced_accuracy"] - 0.5) < 0.12
         lo, hi = rows[layer]["ci"]["balanced_accuracy"]
@@ -232,7 +256,7 @@ def test_cli_audit(bench, tmp_path):
     assert out["metrics"]["accuracy"]["mean_abs_diff"] == 0.0  # the same answer everywhere: no difference
 
 
-def test_counterfactual_pairs_with_own_vision_features(bench, tiny, tmp_path):
+def test_counterfactual_pairs_from_the_fixed_encoder(bench, tiny, tmp_path):
     from fairllava.audit import run_counterfactual
 
     d, records = bench
@@ -260,6 +284,41 @@ def test_counterfactual_pairs_with_own_vision_features(bench, tiny, tmp_path):
     with pytest.raises(FairllavaError, match="does not occur"):
         run_counterfactual(model, proc, records, d / "images", preds, tmp_path / "cf2", attribute="race",
                            groups=("light", "purple"), task="vqa", progress=False)
+
+
+def test_counterfactual_pairs_identical_for_two_models(bench, tmp_path):
+    """Two models that share the base vision tower but differ elsewhere get the same pairs (their own index-0
+    features would not give them), and several models are scored on one pair list."""
+    import copy
+
+    from fairllava.audit import run_counterfactual
+    from fairllava.fairness import match_pairs
+    from fairllava.models.tiny import build_tiny_llava
+
+    d, records = bench
+    m1, proc = build_tiny_llava(seed=0)
+    m2 = copy.deepcopy(m1)
+    with torch.no_grad():  # "another fine-tune": new projector and LM weights, the same frozen vision tower
+        for n, p in m2.named_parameters():
+            if "vision_tower" not in n:
+                p.add_(0.5 * torch.randn_like(p))
+    ans = {"MEL": "melanoma.", "NV": "nevus.", "VASC": "vascular lesion."}
+    preds = {k: [{"id": r["id"], "prediction": ans[r["label"]] if k == "a" else "nevus.", "reference": ans[r["label"]],
+                  "attributes": r["attributes"], "label": r["label"]} for r in records] for k in ("a", "b")}
+    kw = dict(attribute="race", groups=("light", "dark"), task="vqa", metrics=["accuracy"], n_boot=20, progress=False)
+    r1 = run_counterfactual(m1, proc, records, d / "images", preds, tmp_path / "c1", **kw)
+    r2 = run_counterfactual(m2, proc, records, d / "images", preds, tmp_path / "c2", **kw)
+    assert r1["pairs"] == r2["pairs"] and r1["n_pairs"] == 12
+    assert set(r1["models"]) == {"a", "b"} and r1["models"]["a"]["accuracy"]["mean_abs_diff"] == 0.0
+    assert r1["models"]["b"]["accuracy"]["n_pairs"] == 12
+    own = []
+    for m in (m1, m2):  # what the audited models' own image-token features would have matched
+        fs = extract_features(m, proc, records, d / "images", tmp_path / f"f{len(own)}",
+                              FeatureConfig(layers=[0], tokens="image", batch_size=8), progress=False)
+        X = fs.X[0].astype(np.float64)
+        own.append(match_pairs(X - X.mean(0), [r["attributes"]["race"] for r in records], [r["label"] for r in records],
+                               groups=("light", "dark"), min_similarity=-1.0))
+    assert [p[:2] for p in own[0]] != [p[:2] for p in own[1]]
 
 
 def test_cache_refuses_other_weights(bench, tmp_path):

@@ -101,9 +101,11 @@ def audit_features(features: Mapping[str, FeatureSet], records: Sequence[dict], 
         labelled[a] = lab
         if len(set(folds_all[idx].tolist())) < 2:
             raise FairllavaError(f"attribute {a}: labelled samples fall in a single fold; lower --folds")
-        result["attributes"][a] = {"classes": classes, "n": int(len(idx)),
-                                   "class_counts": np.bincount(y, minlength=len(classes)).tolist(),
-                                   "chance_balanced_accuracy": 1.0 / len(classes)}
+        counts = np.bincount(y, minlength=len(classes))
+        share = counts[counts > 0] / counts.sum()
+        result["attributes"][a] = {"classes": classes, "n": int(len(idx)), "class_counts": counts.tolist(),
+                                   "chance_balanced_accuracy": 1.0 / len(classes),
+                                   "entropy": float(-(share * np.log(share)).sum())}
     from .features import progress_bar
 
     total = sum(len(fs.layers) for fs in features.values()) * len(labelled)
@@ -164,6 +166,14 @@ def _fmt_ci(ci) -> str:
     return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "—"
 
 
+def _info(row: dict) -> str:
+    """The held-out information bound of a per-layer row (older audit.json files: clipped from mi_lower)."""
+    v = row.get("info_lower_bound")
+    if v is None and row.get("mi_lower") is not None:
+        v = max(0.0, row["mi_lower"])
+    return "—" if v is None else f"{v:.3f}"
+
+
 def audit_markdown(result: dict, plot_name: str | None = "leakage.png") -> str:
     """A short report: per attribute, each model's peak leakage and a per-layer table."""
     cfg = result["config"]
@@ -171,20 +181,24 @@ def audit_markdown(result: dict, plot_name: str | None = "leakage.png") -> str:
              f"{result['n_samples']} samples, {result['n_groups']} groups, {cfg['probe']['folds']} patient-level "
              f"folds (seed {cfg['probe']['seed']}); pooling `{cfg['features']['pooling']}` over "
              f"`{cfg['features']['tokens']}` tokens; probe: standardised logistic regression (C={cfg['probe']['C']}); "
-             f"CIs: {cfg['probe']['n_boot']} patient-level bootstrap resamples; MI: CLUB estimate (nats; an upper-bound "
-             "estimate) on the out-of-fold probe probabilities, with the Barber-Agakov lower bound in the JSON.", ""]
+             f"CIs: {cfg['probe']['n_boot']} patient-level bootstrap resamples. Information: the held-out "
+             "cross-entropy bound I(a; z) >= H(a) - CE_heldout in nats, clipped to [0, H(a)] (H(a) = the most "
+             "information the attribute can carry, shown per attribute); the CLUB figure in audit.json "
+             "(`club_upper_bound`) is a variational upper bound, valid only when the probe fits.", ""]
     if plot_name:
         lines += [f"![leakage vs layer]({plot_name})", ""]
     for a, info in result["attributes"].items():
         lines += [f"## {a}", "", f"classes {info['classes']} (n = {info['n']}); chance balanced accuracy "
-                  f"{100 * info['chance_balanced_accuracy']:.1f}", "",
+                  f"{100 * info['chance_balanced_accuracy']:.1f}; H(a) = {info.get('entropy', float('nan')):.3f} nats",
+                  "",
                   "| model | peak balanced acc. | at layer | 95% CI |", "|---|---|---|---|"]
         for name, m in result["models"].items():
             s = m["attributes"][a]
             row = next(r for r in s["per_layer"] if r["layer"] == s["argmax_layer"])
             lines.append(f"| {name} | {100 * s['max_balanced_accuracy']:.1f} | {s['argmax_layer']} | "
                          f"{_fmt_ci((row.get('ci') or {}).get('balanced_accuracy'))} |")
-        lines += ["", "| layer | " + " | ".join(f"{n}: bal. acc. / AUC / MI" for n in result["models"]) + " |",
+        lines += ["", "| layer | " + " | ".join(f"{n}: bal. acc. / AUC / I >= H(a) - CE (nats)" for n in result["models"])
+                  + " |",
                   "|---|" + "---|" * len(result["models"])]
         layers = result["models"][next(iter(result["models"]))]["layers"]
         for li, layer in enumerate(layers):
@@ -192,7 +206,7 @@ def audit_markdown(result: dict, plot_name: str | None = "leakage.png") -> str:
             for m in result["models"].values():
                 r = m["attributes"][a]["per_layer"][li]
                 cells.append(f"{100 * r['balanced_accuracy']:.1f} {_fmt_ci((r.get('ci') or {}).get('balanced_accuracy'))}"
-                             f" / {100 * r['auc']:.1f} / {r['mi']:.3f}")
+                             f" / {100 * r['auc']:.1f} / {_info(r)}")
             lines.append(f"| {layer} | " + " | ".join(cells) + " |")
         lines.append("")
     for s in result.get("skipped", []):

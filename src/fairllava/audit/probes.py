@@ -3,8 +3,13 @@
 Why these choices: a probe that sees the same patient in training and test folds measures
 memorisation, not leakage, so folds are built from ``group_id`` and are identical for every model
 compared. Balanced accuracy and macro AUC do not reward predicting the majority class; CIs come from
-a cluster (patient-level) bootstrap of the out-of-fold predictions; and the CLUB estimate computed
-from the same out-of-fold probabilities links the audit to the quantity the method penalises.
+a cluster (patient-level) bootstrap of the out-of-fold predictions.
+
+Information on an honest scale: ``I(a; z) >= H(a) − CE_heldout`` (nats), the held-out cross-entropy bound
+(Barber–Agakov with the out-of-fold probe as the variational decoder), clipped to ``[0, H(a)]`` and shown
+with ``H(a)`` beside it: a binary attribute can never carry more than ln 2 = 0.69 nats. The CLUB figure on
+the same probabilities is kept, labelled as what it is: a variational *upper* bound that is valid only when
+the probe fits, and that exceeds H(a) when the probe is over-confident on its misses.
 """
 from __future__ import annotations
 
@@ -143,6 +148,24 @@ def ba_lower_bound(logp: np.ndarray, y: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum() + logp[np.arange(len(y)), y].mean())
 
 
+def information_bound(logp: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(max(0, min(H(a), H(a) − CE_heldout)), H(a))`` in nats, for each row of ``weights[B, N]`` (or once).
+
+    ``H(a)`` is the entropy of the empirical class distribution of the probed samples, ``CE_heldout`` the mean
+    out-of-fold cross-entropy ``−log q(y|z)``; the bound can therefore never exceed ``H(a)``.
+    """
+    y = np.asarray(y, dtype=np.int64)
+    W = np.ones((1, len(y))) if weights is None else np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    onehot = np.eye(logp.shape[1])[y]
+    tot = W.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = (W @ onehot) / tot[:, None]
+        H = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
+        ce = (W @ -logp[np.arange(len(y)), y]) / tot
+    bound = np.clip(H - ce, 0.0, H)
+    return (bound, H) if weights is not None else (bound[:1], H[:1])
+
+
 def score_probe(logp: np.ndarray, y: np.ndarray, groups: Sequence[str], n_classes: int, cfg: ProbeConfig,
                 key: tuple = ()) -> dict:
     """Point estimates and patient-level bootstrap CIs of balanced accuracy and macro AUC, plus CLUB MI."""
@@ -154,13 +177,18 @@ def score_probe(logp: np.ndarray, y: np.ndarray, groups: Sequence[str], n_classe
     bacc = float(_balanced_accuracy_w(y, pred, ones, n_classes)[0])
     auc = float(_macro_auc_w(y, logp, ones, n_classes)[0])
     counts = np.bincount(y, minlength=n_classes)
+    bound, entropy = information_bound(logp, y)
+    club = club_estimate(logp, y)
     res = {
         "n": int(len(y)),
         "class_counts": counts.tolist(),
         "balanced_accuracy": bacc,
         "auc": auc,
-        "mi": club_estimate(logp, y),
-        "mi_lower": ba_lower_bound(logp, y),
+        "info_lower_bound": float(bound[0]),  # nats, in [0, H(a)]: I(a; z) >= H(a) - CE_heldout
+        "entropy": float(entropy[0]),  # H(a) in nats, the most information the attribute can carry
+        "club_upper_bound": club,  # variational upper bound, valid only when the probe fits; may exceed H(a)
+        "mi": club,  # (deprecated name of club_upper_bound)
+        "mi_lower": ba_lower_bound(logp, y),  # unclipped H(a) - CE_heldout
         "chance_balanced_accuracy": 1.0 / int((counts > 0).sum() or 1),
         "chance_auc": 0.5,
         "ci": None,
@@ -174,5 +202,6 @@ def score_probe(logp: np.ndarray, y: np.ndarray, groups: Sequence[str], n_classe
         res["ci"] = {
             "balanced_accuracy": percentile_ci(_balanced_accuracy_w(y, pred, W, n_classes), cfg.level),
             "auc": percentile_ci(_macro_auc_w(y, logp, W, n_classes), cfg.level),
+            "info_lower_bound": percentile_ci(information_bound(logp, y, W)[0], cfg.level),
         }
     return res

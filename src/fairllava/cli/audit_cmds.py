@@ -121,9 +121,14 @@ def audit_cmd(
 
 @app.command("counterfactual")
 def counterfactual_cmd(
-    model: str = typer.Option(..., "--model", help="[NAME=]PATH of the model that made the predictions."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter DIR applied on --model."),
-    predictions: Path = typer.Option(..., "--predictions", help="Predictions JSONL of that model."),
+    model: str = typer.Option(..., "--model", help="[NAME=]PATH of the base model: its frozen vision tower embeds the "
+                                                   "images (the same pairs for every adapter/model compared)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="(Not used for matching: pairs come from the base "
+                                                                  "model's vision tower, shared by all adapters.)"),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="Another model folder whose vision tower embeds "
+                                                                  "the images instead of --model's."),
+    predictions: List[str] = typer.Option(..., "--predictions", help="[NAME=]PATH predictions JSONL; repeat to score "
+                                                                     "several models on the same pairs."),
     data: Path = typer.Option(..., "--data", help="Records JSONL (images, labels, attributes)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image root (default: <data dir>/images)."),
     out: Path = typer.Option(..., "--out", help="Output folder (counterfactual.json)."),
@@ -156,16 +161,25 @@ def counterfactual_cmd(
     records = read_jsonl(data, required=("id", "attributes"))
     image_root = images if images is not None else data.parent / "images"
     name, path = _named(model, "--model")
-    m, proc = load_vlm(path, dtype=dtype, adapter=adapter)
-    res = run_counterfactual(m, proc, records, image_root, predictions, out, attribute=attribute, groups=pair,
+    sets = dict(_named(p, "--predictions") for p in predictions)
+    if len(sets) != len(predictions):
+        raise FairllavaError("--predictions: names must be unique (use NAME=PATH)")
+    if len(sets) == 1 and not any("=" in p and not Path(p).exists() for p in predictions):
+        sets = {name: next(iter(sets.values()))}
+    enc_path = encoder or path
+    enc, proc = load_vlm(enc_path, dtype=dtype)
+    if adapter:
+        console.print(f"note: --adapter {adapter} is not applied: pairs come from the vision tower of {enc_path}")
+    res = run_counterfactual(enc, proc, records, image_root, sets, out, attribute=attribute, groups=pair,
                              task=task, metrics=[s.strip() for s in metrics.split(",")] if metrics else None,
                              min_similarity=min_similarity, n_boot=n_boot, seed=seed, batch_size=batch_size,
-                             name=name, overwrite=overwrite)
+                             name=name, overwrite=overwrite, encoder_name=str(enc_path))
     console.print(f"{res['n_pairs']} pairs ({attribute}: {res['groups'][0]} vs {res['groups'][1]}) from "
-                  f"{res['n_samples']} samples")
-    for metric, g in res["metrics"].items():
-        if g["mean_abs_diff"] is None:
-            continue
-        ci = f" [{g['ci'][0]:.1f}, {g['ci'][1]:.1f}]" if g.get("ci") else ""
-        console.print(f"  mean |Δ {metric}| = {g['mean_abs_diff']:.1f}{ci}")
+                  f"{res['n_samples']} samples, embedded by the vision tower of {enc_path}")
+    for mname, gaps in res["models"].items():
+        for metric, g in gaps.items():
+            if g["mean_abs_diff"] is None:
+                continue
+            ci = f" [{g['ci'][0]:.1f}, {g['ci'][1]:.1f}]" if g.get("ci") else ""
+            console.print(f"  {mname}: mean |Δ {metric}| = {g['mean_abs_diff']:.1f}{ci}")
     console.print(f"wrote {out / 'counterfactual.json'}")

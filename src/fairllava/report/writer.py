@@ -168,14 +168,16 @@ def audit_blocks(audit: dict) -> list:
     """The leakage-audit section (issue: an evaluation report shows it when an audit exists)."""
     import tempfile
 
-    from ..audit.audit import plot_leakage
+    from ..audit.audit import _info, plot_leakage
 
     cfg = audit["config"]
     blocks: list = [Heading("Leakage audit (linear probes on pooled hidden states)"),
                     Para(f"{audit['n_samples']} samples, {cfg['probe']['folds']} patient-level folds; pooling "
                          f"{cfg['features']['pooling']} over {cfg['features']['tokens']} tokens; balanced accuracy of a "
                          "fresh linear probe per layer (chance dashed), 95% bootstrap CIs. Lower = less demographic "
-                         "information left in the representation.")]
+                         "information left in the representation. Information: held-out cross-entropy bound "
+                         "I(a; z) ≥ H(a) − CE_heldout in nats, clipped to [0, H(a)]; CLUB is a variational upper "
+                         "bound, valid only when the probe fits (it can exceed H(a)).")]
     for a, info in audit["attributes"].items():
         rows = []
         for name, m in audit["models"].items():
@@ -184,9 +186,12 @@ def audit_blocks(audit: dict) -> list:
                 ci = (r.get("ci") or {}).get("balanced_accuracy")
                 rows.append([name, r["layer"], fmt_ci(100 * r["balanced_accuracy"],
                                                       [100 * ci[0], 100 * ci[1]] if ci else None),
-                             f"{r['mi']:.3f}"])
-        blocks += [Heading(f"Leakage: {a} (chance {100 * info['chance_balanced_accuracy']:.1f})", 3),
-                   Table(["model", "hidden-state index", "probe balanced acc.", "CLUB MI (nats)"], rows)]
+                             _info(r), f"{r.get('club_upper_bound', r['mi']):.3f}"])
+        h = info.get("entropy")
+        blocks += [Heading(f"Leakage: {a} (chance {100 * info['chance_balanced_accuracy']:.1f}"
+                           f"{'' if h is None else f'; H(a) = {h:.3f} nats'})", 3),
+                   Table(["model", "hidden-state index", "probe balanced acc.", "I ≥ H(a) − CE (nats)",
+                          "CLUB (variational upper bound)"], rows)]
     with tempfile.TemporaryDirectory() as d:
         plot_leakage(audit, Path(d) / "leakage.png")
         blocks.append(Figure("leakage vs layer", (Path(d) / "leakage.png").read_bytes()))
