@@ -63,7 +63,26 @@ def test_cider_average_matches_pycocoevalcap_mean():
     ours = cider_scores(preds, refs)
     mean, _ = Cider().compute_score({i: [_coco_tokens(r)] for i, r in enumerate(refs)},
                                     {i: [_coco_tokens(p)] for i, p in enumerate(preds)})
-    assert abs(ours.mean() - 100 * mean) < 1e-9
+    assert abs(ours.mean() - 10 * mean) < 1e-9  # percent of CIDEr-D's maximum 10
+
+
+def test_cider_on_the_percent_scale_and_es_consistent():
+    """CIDEr never leaves 0-100, a verbatim rare-word answer reaches ~100, and ES uses that scale."""
+    from fairllava.fairness import evaluate_predictions
+
+    preds, refs = _corpus(40, 5)
+    for p in (preds, refs, [r for r in refs]):
+        assert np.all((cider_scores(p, refs) >= 0) & (cider_scores(p, refs) <= 100 + 1e-9))
+    unique = [f"finding{i} alpha{i} beta{i} gamma{i} delta{i}" for i in range(10)]
+    assert np.all(cider_scores(unique, unique) > 99)
+    rows = [{"id": str(i), "prediction": p, "reference": r, "attributes": {"g": "ab"[i % 2]}}
+            for i, (p, r) in enumerate(zip(preds, refs))]
+    res = evaluate_predictions(rows, "report", metrics=["cider"], n_boot=0, n_perm=0, n_min=5)
+    scores = cider_scores(preds, refs)
+    assert res.overall["cider"] == pytest.approx(scores.mean())
+    gap = abs(scores[0::2].mean() - scores[1::2].mean())
+    assert res.es["g"]["cider"] == pytest.approx(scores.mean() / (1 + gap))
+    assert res.meta["metrics"]["cider"]["scale"].startswith("percent of the CIDEr-D maximum")
 
 
 def test_meteor_skipped_with_reason_without_java(monkeypatch):

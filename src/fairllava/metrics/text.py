@@ -6,6 +6,10 @@ group or bootstrap resample is ``bleu_from_sums(sum of rows)`` and equals ``sacr
 that subset (tested to 1e-9). ROUGE-L (rouge-score, stemmer on), METEOR 1.5 (pycocoevalcap, Java) and
 CIDEr-D (pycocoevalcap, IDF from the whole evaluated reference set) are per-sample scores, averaged.
 An empty prediction scores 0 on every metric.
+
+CIDEr scale: pycocoevalcap's CIDEr-D is ``10/4 · Σ_n cos_n · penalty`` and so lies in [0, 10]. It is reported as
+**percent of that maximum**, ``10 × CIDEr-D`` (0–100), like every other metric, so ES-CIDEr divides by the same
+kind of gap as ES-BLEU. (Captioning papers print ``100 × CIDEr-D``, i.e. 10 × the value here.)
 """
 from __future__ import annotations
 
@@ -129,8 +133,13 @@ def _coco_tokens(text: str) -> str:
     return " ".join(t for t in toks if re.search(r"\w", t))
 
 
+#: CIDEr-D lies in [0, 10]; x10 puts it on the percent-of-maximum scale of every other metric.
+CIDER_TO_PERCENT = 10.0
+
+
 def cider_scores(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
-    """pycocoevalcap CIDEr-D per sample (sigma=6, clipped), IDF from all references given, ×100."""
+    """pycocoevalcap CIDEr-D per sample (sigma=6, clipped), IDF from all references given, in percent of its
+    maximum 10 (i.e. ×10; see the module docstring)."""
     from pycocoevalcap.cider.cider import Cider
 
     if len(references) < 2:
@@ -138,7 +147,7 @@ def cider_scores(predictions: Sequence[str], references: Sequence[str]) -> np.nd
     gts = {i: [_coco_tokens(r)] for i, r in enumerate(references)}
     res = {i: [_coco_tokens(h)] for i, h in enumerate(predictions)}
     _, scores = Cider().compute_score(gts, res)
-    scores = 100.0 * np.asarray(scores, dtype=np.float64)
+    scores = CIDER_TO_PERCENT * np.asarray(scores, dtype=np.float64)
     scores[[not h.strip() for h in predictions]] = 0.0
     return scores
 
@@ -183,8 +192,10 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str], metrics:
         out["rouge_l"] = mean_metric("rouge_l", rouge_l_scores(predictions, references), {
             "package": "rouge-score", "version": _version("rouge-score"), "variant": "rougeL F-measure, use_stemmer=True",
             "scale": "percent (x100)", "level": "per-sample mean"})
-    for name, fn, variant in (("meteor", meteor_scores, "METEOR 1.5 (-l en -norm), per-sample scores averaged"),
-                              ("cider", cider_scores, "CIDEr-D (n=4, sigma=6), IDF from the evaluated reference set, per-sample averaged")):
+    for name, fn, variant, scale in (
+            ("meteor", meteor_scores, "METEOR 1.5 (-l en -norm), per-sample scores averaged", "percent (x100)"),
+            ("cider", cider_scores, "CIDEr-D (n=4, sigma=6), IDF from the evaluated reference set, per-sample averaged",
+             "percent of the CIDEr-D maximum 10 (x10 of pycocoevalcap; captioning papers' 'CIDEr' = 10 x this)")):
         if name not in metrics:
             continue
         try:
@@ -193,5 +204,5 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str], metrics:
             skipped[name] = str(e)
             continue
         out[name] = mean_metric(name, scores, {"package": "pycocoevalcap", "version": _version("pycocoevalcap"),
-                                               "variant": variant, "scale": "percent (x100)", "level": "per-sample mean"})
+                                               "variant": variant, "scale": scale, "level": "per-sample mean"})
     return out, skipped
