@@ -1,9 +1,11 @@
-"""Regulariser ablation on the shortcut benchmark (the demo's setting), one stage-2 run per variant.
+"""Regulariser ablation on the shortcut benchmark (the demo's setting): one benchmark plan, one method per variant.
 
-All variants share the demo's data, base model and stage-1 projector, and the vanilla LoRA run; each variant
-changes only the fairness block. Results (overall / per-group accuracy, gap with its 95 % bootstrap CI, final
-DAC diagnostics) are appended to ``OUT/ablation.csv``; the markdown table printed at the end is generated from
-that CSV (docs/benchmark.md pastes it). Resumable: finished variants are skipped.
+All variants share the demo's data, base model and stage-1 projector (the benchmark runner's per-seed stage 1)
+and the vanilla LoRA run; each variant changes only the fairness block, starting from the paper's estimator
+(the `mimic_cxr` preset's block, as `fairllava-paper` in the benchmark). The plan always lists every variant
+(so its hash, and the results folder, stay the same); ``--only`` just limits which runs are executed.
+Results: the benchmark leaderboard in OUT plus ``OUT/ablation.csv`` (one row per finished variant) and the
+markdown table printed at the end (docs/benchmark.md pastes it). Resumable: finished runs are never redone.
 
     python bench/shortcut_ablation.py --out runs/ablation [--only NAME ...]   # ~6 min per variant on 2 cores
     python bench/shortcut_ablation.py --out runs/s0 --strength 0 --only lora  # the no-shortcut control
@@ -13,20 +15,18 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import time
 from pathlib import Path
 
-from fairllava.data.preparers.shortcut import prepare_shortcut
-from fairllava.demo import REFERENCE_FAIRNESS, _base_model, _done, _train_config, get_preset, shortcut_signature
-from fairllava.fairness import evaluate_predictions
-from fairllava.generation import generate_predictions
+from fairllava.benchmark.leaderboard import build_leaderboard
+from fairllava.benchmark.plan import plan_from_dict
+from fairllava.benchmark.report import write_leaderboard
+from fairllava.benchmark.runner import run_sweep
+from fairllava.demo import demo_plan_dict, get_preset
 from fairllava.io import atomic_write_text
-from fairllava.models.loading import load_vlm
-from fairllava.training.config import TrainConfig, apply_overrides
-from fairllava.training.trainer import train
+from fairllava.training.config import apply_overrides
 
-# name -> overrides of the paper/reference fairness block (fairllava.demo.REFERENCE_FAIRNESS; None = vanilla LoRA),
-# in the order they were tried. `std_token0_cond` is what the demo runs (fairllava.demo.DEMO_FAIRNESS_OVERRIDES).
+# name -> overrides of the paper/reference fairness block (None = vanilla LoRA), in the order they were tried.
+# `std_token0_cond` is what the demo runs (fairllava.demo.DEMO_FAIRNESS_OVERRIDES).
 VARIANTS: dict[str, list[str] | None] = {
     "lora": None,
     # round 1 (docs/benchmark.md, measured under the previous preset)
@@ -58,53 +58,48 @@ FIELDS = ["variant", "overrides", "overall", "dark", "light", "gap", "gap_ci_l",
           "dark_fp_mel", "light_fp_mel", "final_mi", "final_dac_acc", "train_seconds"]
 
 
-def run_variant(name: str, overrides: list[str] | None, out: Path, seed: int = 0, strength: float | None = None) -> dict:
+def ablation_plan(seed: int = 0, strength: float | None = None):
+    """The demo's plan with one method per variant (fairness overrides applied as TrainConfig settings)."""
     p = get_preset("default")
     if strength is not None:
         p.strength = strength
-    data = out / "data"
-    if not (data / "datacard.json").is_file():
-        prepare_shortcut(p.task, data, seed=seed, strength=p.strength, n_train=p.n_train,
-                         n_val_per_cell=p.n_val_per_cell, n_test_per_cell=p.n_test_per_cell,
-                         image_size=p.image_size, overwrite=True)
-    base = _base_model(p, out, seed)
-    s1 = out / "stage1"
-    if not _done(s1):
-        train(TrainConfig.from_dict(_train_config(p, base, data, s1, 1, "lora", seed, None)), resume=s1.exists())
-    run = out / name
-    method = "lora" if overrides is None else "fairllava"
-    cfg = _train_config(p, base, data, run, 2, method, seed, s1 / "projector.safetensors")
-    if method == "fairllava":
-        cfg["fairness"] = {**REFERENCE_FAIRNESS, "seed": cfg["fairness"]["seed"]}  # variants start from the paper
-    apply_overrides(cfg, overrides or [])
-    t0 = time.perf_counter()
-    if not _done(run):
-        train(TrainConfig.from_dict(cfg), resume=run.exists())
-    seconds = round(time.perf_counter() - t0)
-    preds = out / "predictions" / f"{name}.jsonl"
-    if not preds.is_file():
-        model, proc = load_vlm(base, dtype="float32", adapter=run)
-        generate_predictions(model, proc, data / "test.jsonl", preds, image_root=data / "images",
-                             batch_size=p.gen_batch_size, max_new_tokens=p.max_new_tokens,
-                             system_prompt=p.system_prompt)
-    datacard = json.loads((data / "datacard.json").read_text())
-    fp = {f"{g}_fp_mel": v["false_positive_pct"] for g, v in shortcut_signature(preds, datacard)["groups"].items()}
-    r = evaluate_predictions(preds, task="vqa", labels=datacard["labels"], attributes=["race"], n_boot=1000, seed=seed,
-                             n_min=p.n_min, run="ablation")
-    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
-    g = r.groups["race"]
-    ci = r.ci["gap"]["race"]["accuracy"]
-    return {"variant": name, "overrides": " ".join(overrides or []), "overall": r.overall["accuracy"],
-            "dark": g["dark"]["accuracy"], "light": g["light"]["accuracy"], "gap": r.gap["race"]["accuracy"],
-            "gap_ci_l": ci[0], "gap_ci_h": ci[1], "es": r.es["race"]["accuracy"], **fp,
-            "final_mi": last.get("mi/race"), "final_dac_acc": last.get("dac_acc/race"), "train_seconds": seconds}
+    d = demo_plan_dict(p, seed)
+    d["name"] = "shortcut-ablation"
+    d["audit"] = {"enabled": False}
+    methods = {}
+    for name, ov in VARIANTS.items():
+        if ov is None:
+            methods[name] = {"method": "lora"}
+        else:
+            methods[name] = {"method": "fairllava", "settings": apply_overrides({}, ov)}
+    d["methods"] = methods
+    return plan_from_dict(d, "bench/shortcut_ablation.py")
+
+
+def rows_from_board(out: Path, board: dict) -> list[dict]:
+    rows = []
+    for r in board["rows"]:
+        run = out / "runs" / r["task"] / f"S{r['strength']:g}" / f"seed{r['seeds'][0]}" / r["method"] / r["split"]
+        metrics = [json.loads(x) for x in (run / "train" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        last = metrics[-1] if metrics else {}
+        done = json.loads((run / "DONE.json").read_text())
+        m, sig = r["metrics"]["accuracy"], r["metrics"]["signature_fpr"]["groups"]
+        ci = m["signed_gap"]["ci"] or [None, None]
+        rows.append({"variant": r["method"], "overrides": " ".join(VARIANTS[r["method"]] or []),
+                     "overall": m["overall"]["value"], "dark": m["groups"]["dark"]["value"],
+                     "light": m["groups"]["light"]["value"], "gap": m["signed_gap"]["value"], "gap_ci_l": ci[0],
+                     "gap_ci_h": ci[1], "es": m["es"]["value"], "dark_fp_mel": sig["dark"]["value"],
+                     "light_fp_mel": sig["light"]["value"], "final_mi": last.get("mi/race"),
+                     "final_dac_acc": last.get("dac_acc/race"),
+                     "train_seconds": done.get("seconds_by_part", {}).get("train")})
+    return rows
 
 
 def table(csv_path: Path) -> str:
     rows = list(csv.DictReader(csv_path.open()))
     f = lambda v: "—" if v in ("", "None") else f"{float(v):.1f}"
     f3 = lambda v: "—" if v in ("", "None") else f"{float(v):.3f}"
-    lines = ["| variant | overall | dark | light | gap [95% CI] | ES | MEL false positives dark / light | "
+    lines = ["| variant | overall | dark | light | signed gap light−dark [95% CI] | ES | MEL false positives dark / light | "
              "final MI est. | final DAC acc |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -122,19 +117,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strength", type=float, default=None,
                     help="shortcut strength S of the data (default: the demo's); e.g. 0 for the no-shortcut control")
+    ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
+    unknown = [n for n in a.only or [] if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--only: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    plan = ablation_plan(a.seed, a.strength)
+    run_sweep(plan, a.out, threads=a.threads, only=(lambda s: s.variant in a.only) if a.only else None)
+    board = build_leaderboard(a.out)
+    write_leaderboard(board, a.out)
+    rows = rows_from_board(a.out, board)
     csv_path = a.out / "ablation.csv"
-    done = {r["variant"] for r in csv.DictReader(csv_path.open())} if csv_path.is_file() else set()
-    for name, ov in VARIANTS.items():
-        if (a.only and name not in a.only) or name in done:
-            continue
-        row = run_variant(name, ov, a.out, a.seed, a.strength)
-        rows = list(csv.DictReader(csv_path.open())) if csv_path.is_file() else []
-        rows.append(row)
-        lines = [",".join(FIELDS)] + [",".join(_csv(r.get(k)) for k in FIELDS) for r in rows]
-        atomic_write_text(csv_path, "\n".join(lines) + "\n")
-        print(json.dumps(row), flush=True)
+    lines = [",".join(FIELDS)] + [",".join(_csv(r.get(k)) for k in FIELDS) for r in rows]
+    atomic_write_text(csv_path, "\n".join(lines) + "\n")
     print(table(csv_path))
 
 

@@ -58,3 +58,29 @@ def test_paired_effect_is_exact_on_identical_systems_and_calibrated_under_the_nu
             m.append(_seed(rng, k, 0, 0, other))
         ps.append(paired_effect(b, m, "accuracy", "overall", ("light", "dark"), n_boot=200, n_perm=0, seed=s)["p_value"])
     assert np.mean(np.array(ps) < 0.05) <= 0.12
+
+
+def test_power_follows_the_variance_model():
+    from scipy.stats import norm
+
+    from fairllava.benchmark.power import power_markdown, power_table
+
+    def cell(v, se, tau2, S):
+        return {"value": v, "se": se, "tau2": tau2, "seeds": list(range(S))}
+
+    gap = {"signed_gap": cell(10.0, 3.0, 4.0, 2)}
+    board = {"plan": {"primary": {"strength": 1.0}, "tasks": {"derm-vqa": {"data": {"n_test_per_cell": 50}}}},
+             "baseline": "lora", "alpha": 0.05, "family": {"size": 1},
+             "rows": [{"task": "derm-vqa", "strength": 1.0, "split": "test", "method": "lora", "primary_metric": "accuracy",
+                       "metrics": {"accuracy": gap}, "vs_baseline": None},
+                      {"task": "derm-vqa", "strength": 1.0, "split": "test", "method": "m", "primary_metric": "accuracy",
+                       "metrics": {"accuracy": gap},
+                       "vs_baseline": {"metrics": {"accuracy": {"signed_gap": cell(-2.0, 2.0, 1.0, 2)}}}}]}
+    res = power_table(board, "derm-vqa", seeds=(2, 5, 20), n_per_cell=(50, 200))
+    sigma2 = (2.0 ** 2 - 1.0 / 2) * 2  # within-seed variance of the paired difference at 50 per cell
+    assert res["tau2"] == 1.0 and res["sigma2"] == sigma2
+    p = {(r["n_per_cell"], r["seeds"]): r["power"] for r in res["table"]}
+    se = ((1.0 + sigma2 * 50 / 200) / 5) ** 0.5
+    assert p[(200, 5)] == norm.cdf(5.0 / se - norm.ppf(0.975))
+    assert p[(50, 2)] < p[(50, 5)] < p[(50, 20)] and p[(50, 5)] < p[(200, 5)]
+    assert "| 200 |" in power_markdown(res)

@@ -1,12 +1,16 @@
-"""The demo end to end on the smoke preset (tiny random VLM): numbers come from the run, and runs repeat exactly."""
+"""The demo (a one-seed preset of the benchmark) on the smoke preset: numbers come from the run, runs repeat exactly."""
 import json
 import os
 
 import pytest
 
-from fairllava.demo import get_preset, run_demo, shortcut_signature, summary_markdown, update_readme
+from fairllava.demo import demo_plan, get_preset, run_demo, shortcut_signature, update_readme
 from fairllava.errors import FairllavaError
 from fairllava.fairness import evaluate_predictions
+
+
+def _run_dir(out, method):
+    return out / "runs" / "derm-vqa" / "S1" / "seed0" / method / "test"
 
 
 @pytest.fixture(scope="module")
@@ -17,46 +21,46 @@ def smoke_runs(tmp_path_factory):
     return a, b
 
 
+def test_demo_is_a_benchmark_plan():
+    plan = demo_plan(get_preset("smoke"), seed=3)
+    assert list(plan.method_variants()) == ["lora", "fairllava"] and plan.seeds("derm-vqa", "test") == [3]
+    assert plan.methods["fairllava"].settings["fairness"]["mi_layer_index"] == 0
+
+
 def test_report_numbers_are_recomputed_from_the_predictions(smoke_runs):
     res, _ = smoke_runs
     out = res.out_dir
-    labels = json.loads((out / "data" / "datacard.json").read_text())["labels"]
-    metrics = json.loads((out / "report" / "metrics.json").read_text())
-    for row in res.summary:
-        preds = out / "predictions" / f"{row['method']}.jsonl"
-        r = evaluate_predictions(preds, task="vqa", labels=labels, n_boot=res.preset.n_boot, n_min=res.preset.n_min,
-                                 seed=0, run="demo")
-        assert row["overall"] == pytest.approx(r.overall["accuracy"], abs=1e-9)
-        assert row["gap"] == pytest.approx(r.gap["race"]["accuracy"], abs=1e-9)
-        # every metric of the report equals the recomputation
-        assert metrics[row["method"]]["overall"] == pytest.approx(r.overall, abs=1e-9)
-        # ...and the comparison is sensitive: a predictions file with one answer corrected scores differently
+    card = json.loads((out / "data" / "derm-vqa" / "seed0" / "S1" / "shortcut" / "datacard.json").read_text())
+    labels = card["labels"]
+    assert [r["method"] for r in res.rows] == ["lora", "fairllava"]
+    for row in res.rows:
+        preds = _run_dir(out, row["method"]) / "generate" / "predictions.jsonl"
+        r = evaluate_predictions(preds, task="vqa", labels=labels, metrics=["accuracy"], n_boot=0, n_min=1)
+        m = row["metrics"]["accuracy"]
+        assert m["overall"]["value"] == pytest.approx(r.overall["accuracy"], abs=1e-9)
+        g = r.groups["race"]
+        assert m["groups"]["light"]["value"] == pytest.approx(g["light"]["accuracy"], abs=1e-9)
+        assert m["groups"]["dark"]["value"] == pytest.approx(g["dark"]["accuracy"], abs=1e-9)
+        assert m["signed_gap"]["value"] == pytest.approx(g["light"]["accuracy"] - g["dark"]["accuracy"], abs=1e-9)
+        # ...and the recomputation is sensitive: a predictions file with one answer corrected scores differently
         rows = [json.loads(x) for x in preds.read_text().splitlines()]
+        assert len(rows) == card["counts"]["test"]["n"]
         wrong = next(i for i, x in enumerate(rows) if x["prediction"].strip() != x["reference"].strip())
         rows[wrong]["prediction"] = rows[wrong]["reference"]
-        tampered = evaluate_predictions(rows, task="vqa", labels=labels, n_boot=0, n_min=res.preset.n_min)
-        assert tampered.overall["accuracy"] != pytest.approx(metrics[row["method"]]["overall"]["accuracy"], abs=1e-9)
-        for attr in r.gap:
-            assert {k: v for k, v in metrics[row["method"]]["gap"][attr].items() if v is not None} == pytest.approx(
-                {k: v for k, v in r.gap[attr].items() if v is not None}, abs=1e-9)
-        for g, vals in r.groups["race"].items():
-            assert row[f"group:{g}"] == pytest.approx(vals["accuracy"], abs=1e-9)
-        # accuracy recomputed by hand from the raw predictions file (label parsing aside)
-        rows = [json.loads(x) for x in preds.read_text().splitlines()]
-        assert len(rows) == json.loads((out / "data" / "datacard.json").read_text())["counts"]["test"]["n"]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["summary"] == json.loads(json.dumps(res.summary))
-    assert (out / "report" / "report.html").is_file() and (out / "report" / "report.md").is_file()
-    assert "| lora |" in (out / "summary.md").read_text()
-    # the leakage audit ran on both trained models and is part of the report
-    audit = json.loads((out / "report" / "audit.json").read_text())
-    assert set(audit["models"]) == {"lora", "fairllava"}
-    assert "Leakage audit" in (out / "report" / "report.md").read_text()
-    # the shortcut signature is recomputed from the predictions too
-    card = json.loads((out / "data" / "datacard.json").read_text())
-    for m in ("lora", "fairllava"):
-        assert summary["shortcut_signature"][m] == shortcut_signature(out / "predictions" / f"{m}.jsonl", card)
-    assert "shortcut signature of `lora`" in (out / "summary.md").read_text()
+        tampered = evaluate_predictions(rows, task="vqa", labels=labels, metrics=["accuracy"], n_boot=0, n_min=1)
+        assert tampered.overall["accuracy"] != pytest.approx(m["overall"]["value"], abs=1e-9)
+        # the shortcut signature is recomputed from the predictions too
+        sig = shortcut_signature(preds, card)["groups"]
+        s = row["metrics"]["signature_fpr"]["groups"]
+        assert [s["dark"]["value"], s["light"]["value"]] == pytest.approx(
+            [sig["dark"]["false_positive_pct"], sig["light"]["false_positive_pct"]], abs=1e-9)
+        # the leakage audit ran on every trained model
+        assert row["leakage"]["index0"]["within_label"] is not None
+    summary = (out / "summary.md").read_text()
+    assert summary == res.summary_md and "| lora |" in summary and "| fairllava |" in summary
+    assert res.rows[1]["verdict"]["text"] in summary  # the computed verdict, not a typed one
+    for f in ("leaderboard.md", "leaderboard.html", "leaderboard.csv", "leaderboard.json"):
+        assert (out / f).is_file()
 
 
 def test_shortcut_signature_counts_false_positives_of_the_enriched_label(tmp_path):
@@ -77,22 +81,23 @@ def test_shortcut_signature_counts_false_positives_of_the_enriched_label(tmp_pat
 def test_same_seed_same_results(smoke_runs):
     a, b = smoke_runs
     for method in ("lora", "fairllava"):
-        pa = (a.out_dir / "predictions" / f"{method}.jsonl").read_text()
-        pb = (b.out_dir / "predictions" / f"{method}.jsonl").read_text()
+        pa = (_run_dir(a.out_dir, method) / "generate" / "predictions.jsonl").read_text()
+        pb = (_run_dir(b.out_dir, method) / "generate" / "predictions.jsonl").read_text()
         assert pa == pb
-        la = [json.loads(x) for x in (a.out_dir / method / "metrics.jsonl").read_text().splitlines()]
-        lb = [json.loads(x) for x in (b.out_dir / method / "metrics.jsonl").read_text().splitlines()]
+        la = [json.loads(x) for x in (_run_dir(a.out_dir, method) / "train" / "metrics.jsonl").read_text().splitlines()]
+        lb = [json.loads(x) for x in (_run_dir(b.out_dir, method) / "train" / "metrics.jsonl").read_text().splitlines()]
         strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "sec" not in k} for r in rows]
         assert strip(la) == strip(lb)
-    assert a.summary == b.summary
+    assert a.rows == b.rows
 
 
 def test_resume_skips_finished_steps_and_refuses_other_settings(smoke_runs):
     res, _ = smoke_runs
-    before = (res.out_dir / "predictions" / "lora.jsonl").stat().st_mtime_ns
+    preds = _run_dir(res.out_dir, "lora") / "generate" / "predictions.jsonl"
+    before = preds.stat().st_mtime_ns
     again = run_demo(res.out_dir, "smoke", seed=0, log=lambda m: None, progress=False)
-    assert (res.out_dir / "predictions" / "lora.jsonl").stat().st_mtime_ns == before
-    assert again.summary == res.summary
+    assert preds.stat().st_mtime_ns == before
+    assert again.rows == res.rows
     with pytest.raises(FairllavaError, match="another seed"):
         run_demo(res.out_dir, "smoke", seed=1, log=lambda m: None, progress=False)
 
@@ -121,22 +126,3 @@ def test_readme_update_replaces_only_the_marked_block(tmp_path):
     bad.write_text("no markers")
     with pytest.raises(FairllavaError, match="markers"):
         update_readme(bad, "x")
-
-
-def test_summary_markdown_shape():
-    rows = [{"method": "lora", "metric": "accuracy", "attribute": "race", "overall": 50.0, "overall_ci": [40, 60],
-             "group:dark": 30.0, "group:dark_ci": None, "group:light": 70.0, "group:light_ci": [60, 80],
-             "gap": 40.0, "gap_ci": [20, 60], "es": 1.22, "es_ci": [0.8, 2.4]}]
-    md = summary_markdown(rows, [{"quantity": "gap", "p_one_sided": 0.01}], {"n_resamples": 1000})
-    assert "| lora | 50.0 [40.0, 60.0] | 30.0 | 70.0 [60.0, 80.0] | 40.0 [20.0, 60.0] | 1.2 [0.8, 2.4] |" in md
-    assert "p = 0.01" in md
-
-
-def test_verdict_is_computed_from_the_numbers():
-    from fairllava.demo import verdict
-
-    base = {"method": "lora", "overall": 70.0, "gap": 20.0}
-    better = {"method": "fairllava", "overall": 69.5, "gap": 5.0}
-    assert verdict([base, better], [{"quantity": "gap", "p_one_sided": 0.01}]).startswith("FairLLaVA reduced the gap")
-    assert "did not beat" in verdict([base, better], [{"quantity": "gap", "p_one_sided": 0.3}])
-    assert "-0.5 points" in verdict([base, better], [{"quantity": "gap", "p_one_sided": 0.3}])

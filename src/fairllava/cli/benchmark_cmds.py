@@ -59,6 +59,30 @@ def report_cmd(
     _report(results, to or results)
 
 
+@benchmark_app.command("power")
+def power_cmd(
+    results: Path = typer.Argument(..., help="Results folder with a leaderboard.json (e.g. the selection runs)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Task (default: every task of the leaderboard)."),
+    seeds: str = typer.Option("3,4,5,6,8,10", "--seeds", help="Seed counts to tabulate."),
+    n_per_cell: str = typer.Option("50,100,200", "--n-per-cell", help="Test sizes per group x label cell."),
+) -> None:
+    """Power to detect a halving of the baseline's signed gap, from the leaderboard's own variances."""
+    from ..benchmark.power import power_markdown, power_table
+    from ..benchmark.report import read_leaderboard
+    from ..errors import FairllavaError
+
+    if not (results / "leaderboard.json").is_file():
+        raise FairllavaError(f"{results}: no leaderboard.json (run `fairllava benchmark report {results}` first)")
+    board = read_leaderboard(results)
+    try:
+        S = [int(x) for x in seeds.split(",")]
+        N = [int(x) for x in n_per_cell.split(",")]
+    except ValueError:
+        raise FairllavaError("--seeds/--n-per-cell: expected comma-separated integers") from None
+    for t in [task] if task else list(dict.fromkeys(r["task"] for r in board["rows"])):
+        typer.echo(power_markdown(power_table(board, t, seeds=S, n_per_cell=N)))
+
+
 def _report(results: Path, to: Path) -> None:
     from ..benchmark.leaderboard import build_leaderboard
     from ..benchmark.report import write_leaderboard

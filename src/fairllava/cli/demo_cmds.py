@@ -39,7 +39,7 @@ def _register_prepare_shortcut() -> None:
         overwrite: bool = typer.Option(False, "--overwrite"),
     ) -> None:
         """Render the shortcut benchmark (a demographic shortcut of controllable strength)."""
-        from ..data.preparers.shortcut import prepare_shortcut
+        from ..benchmark.prepare import prepare_shortcut
         from ..errors import FairllavaError
 
         try:
@@ -81,30 +81,15 @@ def _register_demo() -> None:
         update_readme: Path = typer.Option(None, "--update-readme",
                                            help="Write the results table into this README between the demo-results markers."),
     ) -> None:
-        """Shortcut benchmark -> stage 1 -> vanilla LoRA vs FairLLaVA -> generate -> evaluate -> report."""
-        from rich.table import Table
-
+        """A one-seed preset of the shortcut benchmark: vanilla LoRA vs FairLLaVA, evaluated and audited."""
         from ..demo import get_preset, run_demo, update_readme as _update
 
         get_preset(preset)  # a clear error before any work
-        res = run_demo(out, preset, seed=seed, log=lambda m: console.print(m, highlight=False))
-        table = Table(title=f"demo ({preset}, seed {seed}): {res.summary[0]['metric']} by {res.summary[0]['attribute']}")
-        groups = [k[6:] for k in res.summary[0] if k.startswith("group:") and not k.endswith("_ci")]
-        for col in ["method", "overall"] + groups + ["gap", "ES"]:
-            table.add_column(col)
-        fmt = lambda v, ci: "n/a" if v is None else (f"{v:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ""))
-        for r in res.summary:
-            table.add_row(r["method"], fmt(r["overall"], r["overall_ci"]),
-                          *[fmt(r[f"group:{g}"], r[f"group:{g}_ci"]) for g in groups],
-                          fmt(r["gap"], r["gap_ci"]), fmt(r["es"], r["es_ci"]))
-        Console = type(console)
-        Console().print(table)
-        for pv in res.pvalues:
-            if pv["attribute"] == res.summary[0]["attribute"] and pv["metric"] == res.summary[0]["metric"]:
-                console.print(f"  {pv['quantity']}: one-sided p = {pv['p_one_sided']:.3g} (H1: FairLLaVA better)")
-        console.print(f"report: {out / 'report' / 'report.html'}  ({res.seconds / 60:.1f} min)")
+        res = run_demo(out, preset, seed=seed, log=lambda m: console.print(m, highlight=False, markup=False))
+        typer.echo(res.summary_md)
+        console.print(f"leaderboard: {out / 'leaderboard.html'}  ({res.seconds / 60:.1f} min)")
         if update_readme is not None:
-            _update(update_readme, (out / "summary.md").read_text(encoding="utf-8"))
+            _update(update_readme, res.summary_md)
             console.print(f"updated {update_readme}")
 
 
