@@ -7,8 +7,9 @@ each and checks the claimed property; none of them can pass with a wrong interva
 - two systems on the same samples: a shared per-sample "difficulty" U ~ Uniform; system A is correct when
   U < p_A(group), system B when V < p_B(group) where V = U for 70 % of samples and a fresh uniform otherwise
   (two fine-tunes of one base model then agree on about 85 % of samples);
-- seeds: one test set (U shared by all seeds); each seed and system draws its own V; the level is also
-  checked with a between-seed spread of the true group accuracies (p + N(0, 1 point) per seed and system).
+- seeds: one test set (U shared by all seeds); each seed and system draws its own V from U the same way (the
+  two systems of a seed then agree on about 77 %); the level is also checked with a between-seed spread of
+  the true group accuracies (p + N(0, 1 point) per seed and system).
 """
 import numpy as np
 import pytest
@@ -30,11 +31,15 @@ def one_system(rng, p_adv, p_dis, n=N):
     return np.concatenate([rng.random(n) < p_adv, rng.random(n) < p_dis]) * 100.0
 
 
-def two_systems(rng, pa, pb, n=N, rho=0.7, U=None):
-    U = rng.random(2 * n) if U is None else U
-    V = np.where(rng.random(2 * n) < rho, U, rng.random(2 * n))
-    W = np.where(rng.random(2 * n) < rho, U, rng.random(2 * n))
-    return (V < np.repeat(pa, n)) * 100.0, (W < np.repeat(pb, n)) * 100.0
+def noisy_copy(rng, U, rho=0.7):
+    """U for a share ``rho`` of the samples, a fresh uniform for the others."""
+    return np.where(rng.random(len(U)) < rho, U, rng.random(len(U)))
+
+
+def two_systems(rng, pa, pb, n=N):
+    """One seed: A is correct when U < p_A(group), B when V < p_B(group), V = U for 70 % of samples."""
+    U = rng.random(2 * n)
+    return (U < np.repeat(pa, n)) * 100.0, (noisy_copy(rng, U) < np.repeat(pb, n)) * 100.0
 
 
 def coverage(truth, p_adv, p_dis, seed, R=200, **kw):
@@ -102,7 +107,8 @@ def seeds(rng, pa, pb, S=5, tau=0.0):
     for s in range(S):
         ja = np.clip(np.array(pa) + rng.normal(0, tau / 100, 2), 0, 1)
         jb = np.clip(np.array(pb) + rng.normal(0, tau / 100, 2), 0, 1)
-        a, b = two_systems(rng, ja, jb, U=U)
+        a = (noisy_copy(rng, U) < np.repeat(ja, N)) * 100.0  # every seed and system: its own V
+        b = (noisy_copy(rng, U) < np.repeat(jb, N)) * 100.0
         out.append(SeedPair(a, b, VALUES, ids=ids, name=f"seed{s}"))
     return out
 
