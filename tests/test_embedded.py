@@ -119,8 +119,8 @@ def test_registered_with_auto_classes_save_and_load(tmp_path):
     assert type(m2) is EffnetLlavaForConditionalGeneration
     assert type(p2).__name__ == "LlavaProcessor"
     b = _inputs(proc)
-    with torch.no_grad():
-        assert torch.equal(m2(**_inputs(p2)).logits, model(**b).logits)
+    with torch.no_grad():  # same weights; fp32 kernel paths may differ for reloaded tensors (see the note below)
+        torch.testing.assert_close(m2(**_inputs(p2)).logits, model(**b).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_on_embedded_model_like_llava(tmp_path):
@@ -142,7 +142,18 @@ def test_lora_on_embedded_model_like_llava(tmp_path):
     pm.save_pretrained(tmp_path / "ad")
     fresh, _ = _tiny_embedded()
     with torch.no_grad():
-        assert torch.equal(PeftModel.from_pretrained(fresh, str(tmp_path / "ad"))(**b).logits, ref)
+        plain = fresh(**b).logits.clone()
+        loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "ad"))
+        trained = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+        for n, p in loaded.named_parameters():
+            if n in trained:  # the adapter and projector come back bit for bit...
+                assert torch.equal(p, trained[n]), n
+        out = loaded(**b).logits
+    # ...but the logits need not: the reloaded tensors live at other addresses, and oneDNN/MKL pick
+    # alignment-dependent kernels (seen: 1.5e-7 apart on an AMX machine). fp32 reassociation over these
+    # sizes stays ~1e-6; the adapter's own effect (every trainable weight +0.05) is orders larger, checked here.
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (plain - ref).abs().max() > 1e-2
 
 
 def test_missing_wheel_and_unwritable_cache_are_clear_errors(tmp_path, monkeypatch):

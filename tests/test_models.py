@@ -82,8 +82,9 @@ def test_save_and_load_vlm_roundtrip(tmp_path):
     b1, b2 = _batch(processor), _batch(p2)
     assert torch.equal(b1["input_ids"], b2["input_ids"])
     assert torch.allclose(b1["pixel_values"], b2["pixel_values"])
-    with torch.no_grad():
-        assert torch.equal(model(**b1).logits, m2(**b2).logits)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m2.state_dict().values()))
+    with torch.no_grad():  # same weights; logits within fp32 kernel-path noise (see test_embedded's note)
+        torch.testing.assert_close(model(**b1).logits, m2(**b2).logits, rtol=1e-5, atol=1e-5)
     assert image_token_id(m2) == image_token_id(model)
 
 
@@ -116,7 +117,7 @@ def test_lora_settings_validation():
     with pytest.raises(ValueError, match="target"):
         LoraSettings(target="everything")
     assert LoraSettings().to_dict() == {"r": 64, "alpha": 128, "dropout": 0.05, "target": "all-linear-lm",
-                                        "train_projector": True}
+                                        "train_projector": True, "shared_dropout": True}
 
 
 def test_apply_lora_places_adapters_only_on_lm_linears():
@@ -178,8 +179,9 @@ def test_adapter_reloads_with_plain_peft_and_gives_identical_logits(tmp_path):
     pm.save_pretrained(tmp_path / "adapter")
     fresh, _ = build_tiny_llava(seed=0)
     reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))
-    with torch.no_grad():
-        assert torch.equal(reloaded(**b).logits, ref)
+    with torch.no_grad():  # fp32 kernel paths may differ for reloaded tensors (test_embedded's note); the
+        # adapter's effect (asserted above against the base model) is far larger than this tolerance
+        torch.testing.assert_close(reloaded(**b).logits, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_adapter_writes_a_plain_model_with_the_same_outputs(tmp_path):

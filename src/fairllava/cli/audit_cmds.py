@@ -60,7 +60,7 @@ def audit_cmd(
     n_boot: int = typer.Option(1000, "--n-boot"),
     c: float = typer.Option(1.0, "--C", help="Inverse L2 strength of the probe."),
     batch_size: int = typer.Option(8, "--batch-size"),
-    dtype: str = typer.Option("float32", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where fast) | float32 | bfloat16 | float16"),
     vocab: Optional[List[str]] = typer.Option(None, "--vocab", help="NAME=PRESET attribute vocabulary."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
@@ -141,7 +141,7 @@ def counterfactual_cmd(
     n_boot: int = typer.Option(1000, "--n-boot"),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(8, "--batch-size"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Counterfactual matched pairs: |Δ metric| between same-label, look-alike samples of two groups."""

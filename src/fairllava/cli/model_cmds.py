@@ -10,8 +10,10 @@ from ..errors import FairllavaError
 from ._app import app, console
 
 
-def _dtype_option():
-    return typer.Option("auto", "--dtype", help="Weights dtype: auto, float32 or bfloat16.")
+def _dtype_option(default: str = "auto"):
+    return typer.Option(default, "--dtype", help="Weights dtype: auto (bf16 where the device has bf16 matmul, else "
+                                                 "float32), float32, bfloat16 or float16"
+                                                 + (", or checkpoint (as stored)" if default == "checkpoint" else "."))
 
 
 @app.command()
@@ -61,7 +63,7 @@ def merge(
     base: Path = typer.Option(..., "--base", help="Base model folder."),
     adapter: Path = typer.Option(..., "--adapter", help="PEFT adapter folder (LoRA + projector)."),
     out: Path = typer.Option(..., "--out", help="Folder for the merged model (written atomically)."),
-    dtype: str = _dtype_option(),
+    dtype: str = _dtype_option("checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
     """Merge a LoRA adapter into its base model and save a plain HF model folder."""

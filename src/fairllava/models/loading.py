@@ -10,9 +10,11 @@ PEFT ``modules_to_save``, so ``PeftModel.from_pretrained(base, adapter_dir)`` re
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import warnings
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +25,6 @@ from torch import nn
 
 from ..errors import FairllavaError
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 # Where the multimodal projector lives, by model family (first match wins).
 _PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "visual.merger", "merger", "connector")
@@ -32,19 +32,34 @@ _PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "visual.merger", "m
 _VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder")
 
 
+@contextlib.contextmanager
+def _peft_wrapping():
+    """Silence one known third-party deprecation while PEFT wraps a model.
+
+    PEFT's ``PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, which transformers 5 deprecated in
+    favour of ``is_activation_checkpointing`` (same value); the warning is PEFT's, not the user's, so it is
+    filtered here, narrowly (this message only, only around the wrap).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def _register_custom_models() -> None:
     """Import modules whose classes register themselves with the Auto classes (our embedded VLM)."""
     from . import embedded  # noqa: F401
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None) -> Any:
-    if dtype is None or dtype == "auto":
+def _resolve_dtype(dtype: str | torch.dtype | None, device_map: str | dict | None = None) -> Any:
+    """The weights dtype: ``auto`` is the compute precision of the device (models/precision.py), not the checkpoint's;
+    ``checkpoint`` keeps the dtype the weights are stored in (HF's own "auto")."""
+    from .precision import resolve_dtype
+
+    if dtype == "checkpoint":
         return "auto"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+
+    device = "cuda" if device_map not in (None, "cpu") and torch.cuda.is_available() else None
+    return resolve_dtype(dtype, device)
 
 
 def load_vlm(
@@ -56,6 +71,9 @@ def load_vlm(
 ):
     """Return ``(model, processor)`` for a local folder or hub id, optionally with a PEFT adapter on top.
 
+    ``dtype``: ``auto`` (bf16 where the device has bf16 matmul, else fp32), ``float32``, ``bfloat16`` or
+    ``float16``. With an adapter, the whole model (adapter and projector included) is cast to that dtype, so
+    generation and the audit run in the training precision with no per-call casts.
     Local folders are the tested path; hub ids work when online (tests run with ``HF_HUB_OFFLINE=1``).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -72,7 +90,8 @@ def load_vlm(
             raise FairllavaError(f"{local}: no config.json, not a Hugging Face model folder{hint}")
     elif src.startswith((".", "/", "~")) or os.sep in src and src.count("/") > 1:
         raise FairllavaError(f"{src}: model folder not found")
-    kwargs: dict[str, Any] = {"dtype": _resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
+    weights_dtype = _resolve_dtype(dtype, device_map)
+    kwargs: dict[str, Any] = {"dtype": weights_dtype, "trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
@@ -84,7 +103,11 @@ def load_vlm(
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FairllavaError(f"{src}: cannot load a vision-language model and processor ({msg})") from None
     if adapter is not None:
+        from .precision import prepare_for_inference
+
         model = load_adapter(model, adapter)
+        if isinstance(weights_dtype, torch.dtype):
+            model = prepare_for_inference(model, weights_dtype)
     elif local.exists():
         from ..erasure.layer import attach_saved_eraser
 
@@ -102,7 +125,8 @@ def load_adapter(model, adapter_dir: str | os.PathLike, is_trainable: bool = Fal
         raise FairllavaError(f"{adapter_dir}: no adapter_config.json, not a PEFT adapter folder")
     from ..erasure.layer import attach_saved_eraser
 
-    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    with _peft_wrapping():
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
     attach_saved_eraser(model, adapter_dir)  # method `erasure`: the fixed layer in front of the projector
     return model
 
@@ -163,13 +187,18 @@ def projector_module_name(model) -> str | None:
 
 @dataclass
 class LoraSettings:
-    """LoRA hyper-parameters (paper: r=64, alpha=128, dropout=0.05, every LM Linear except lm_head)."""
+    """LoRA hyper-parameters (paper: r=64, alpha=128, dropout=0.05, every LM Linear except lm_head).
+
+    ``shared_dropout``: LoRA layers reading the same input tensor (q/k/v, gate/up) share one dropout mask,
+    drawn cheaply (models/lora_dropout.py); False keeps PEFT's independent per-layer masks.
+    """
 
     r: int = 64
     alpha: int = 128
     dropout: float = 0.05
     target: str = "all-linear-lm"
     train_projector: bool = True
+    shared_dropout: bool = True
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -222,7 +251,12 @@ def apply_lora(model, settings: LoraSettings | None = None):
         modules_to_save=[proj] if proj else None,
         task_type=None,
     )
-    peft_model = get_peft_model(model, cfg)
+    with _peft_wrapping():
+        peft_model = get_peft_model(model, cfg)
+    if settings.shared_dropout:
+        from .lora_dropout import share_lora_dropout
+
+        share_lora_dropout(peft_model)
     _check_frozen(peft_model)
     return peft_model
 
@@ -248,7 +282,7 @@ def merge_adapter(
     base_path: str | os.PathLike,
     adapter_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    dtype: str = "auto",
+    dtype: str = "checkpoint",
     overwrite: bool = False,
 ) -> Path:
     """Write base + adapter merged into a plain model folder (atomic: complete or absent)."""

@@ -29,7 +29,10 @@ class ModelConfig:
     """The base VLM (HF folder or hub id) and an optional stage-1 projector file to start from."""
 
     path: str
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Compute precision (models/precision.py): frozen weights stored in it, trainable weights and optimizer state
+    # fp32, the forward autocast to it, losses and the regulariser in fp32. auto = bf16 where the device has bf16
+    # matmul (CUDA, or a CPU with avx512_bf16/AMX), else float32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     projector_path: Optional[str] = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -64,6 +67,7 @@ class LoraSection:
     r: int = 64
     alpha: int = 128
     dropout: float = 0.05
+    shared_dropout: bool = True  # one mask per distinct input (q/k/v, gate/up share), drawn cheaply; false = PEFT's
 
 
 @dataclass

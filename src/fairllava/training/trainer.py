@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from ..errors import FairllavaError
 from ..io import atomic_write_json, stable_hash
+from ..regularizer.health import DeadDACError
 from . import checkpoint as ck
 from .config import TrainConfig, save_config
 from .logging import MetricsLogger, Progress
@@ -133,16 +134,21 @@ def lm_forward(model: nn.Module, inputs: dict, labels: Optional[torch.Tensor], c
 class TrainingModule(nn.Module):
     """Model + method extras in one module, so DDP/FSDP wrap and synchronise them together."""
 
-    def __init__(self, model: nn.Module, method: Method, indices: list[int], compact_logits: bool = False) -> None:
+    def __init__(self, model: nn.Module, method: Method, indices: list[int], compact_logits: bool = False,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.model = model
         self.extras = method.module if method.module is not None else nn.Module()
         self._method = [method]  # not a submodule (alternating heads must stay outside DDP)
         self.indices = list(indices)
         self.compact_logits = bool(compact_logits) and accepts_logits_to_keep(model)
+        # The model forward autocasts to this dtype; the method's losses (LM CE, regulariser, adversary) run in
+        # fp32 outside autocast on fp32 copies of the logits and captured states (models/precision.py).
+        self.compute_dtype = compute_dtype
 
     def forward(self, batch: dict, progress: float, step: int, pretrain: bool = False):
         from ..models.hidden_states import HiddenStateCapture
+        from ..models.precision import autocast, full_precision
 
         method = self._method[0]
         inputs = {k: v for k, v in batch.items() if k not in _BATCH_META and isinstance(v, torch.Tensor)}
@@ -150,7 +156,8 @@ class TrainingModule(nn.Module):
         ctx_lora = self.model.disable_adapter() if pretrain and hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
         compact = self.compact_logits and not pretrain
         hidden: dict[int, torch.Tensor] = {}
-        with ctx_grad, ctx_lora:
+        device = inputs["input_ids"].device
+        with ctx_grad, ctx_lora, autocast(device, self.compute_dtype):
             if self.indices:
                 with HiddenStateCapture(self.model, self.indices) as cap:
                     out, labels = lm_forward(self.model, inputs, batch.get("labels"), compact)
@@ -159,7 +166,9 @@ class TrainingModule(nn.Module):
                 out, labels = lm_forward(self.model, inputs, batch.get("labels"), compact)
         if labels is not batch.get("labels"):
             batch = {**batch, "labels": labels}
-        res = method.compute(out.logits, hidden, batch, progress, step)
+        with full_precision(device):
+            hidden = {k: v.float() for k, v in hidden.items()}
+            res = method.compute(out.logits.float(), hidden, batch, progress, step)
         return res.loss, res.logs, res.aux
 
 
@@ -270,6 +279,7 @@ class _Loaded:
     method: Method
     hidden_indices: list[int]
     val: Any = None
+    compute_dtype: torch.dtype = torch.float32
 
 
 class FairTrainer:
@@ -300,6 +310,7 @@ class FairTrainer:
         from ..data import VLMDataset, vocabs_from_config
         from ..data.attributes import apply_missing_policy
         from ..models.loading import LoraSettings, apply_lora, image_token_id, load_vlm
+        from ..models.precision import prepare_for_training, resolve_dtype, store_in_compute_dtype
 
         cfg = self.cfg
         vocabs = vocabs_from_config(cfg.data.attributes)
@@ -317,8 +328,12 @@ class FairTrainer:
         if not indices:
             raise FairllavaError(f"{cfg.data.train}: no training samples left after the missing-label policy/limit")
 
-        model, processor = load_vlm(cfg.model.path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        compute_dtype = resolve_dtype(cfg.model.dtype, accelerator.device, key="model.dtype")
+        # Load in the checkpoint's own dtype, keep the projector (trained in both stages) at that precision in fp32,
+        # and store every other weight in the compute dtype once, here (models/precision.py).
+        model, processor = load_vlm(cfg.model.path, dtype="checkpoint", trust_remote_code=cfg.model.trust_remote_code)
         image_token_id(model)  # raises a clear error when the image-token mask cannot be derived
+        store_in_compute_dtype(model, compute_dtype, keep_fp32=_active_projector(model))
         if cfg.model.projector_path:
             ck.load_projector(_active_projector(model), cfg.model.projector_path)
         if cfg.model.gradient_checkpointing:
@@ -332,7 +347,9 @@ class FairTrainer:
             for p in _active_projector(model).parameters():
                 p.requires_grad_(True)
         else:
-            model = apply_lora(model, LoraSettings(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout))
+            model = apply_lora(model, LoraSettings(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                                                   shared_dropout=cfg.lora.shared_dropout))
+        prepare_for_training(model, compute_dtype)
         model.train()
 
         n_hs = _n_hidden_states(model)
@@ -341,7 +358,7 @@ class FairTrainer:
             hidden_indices = method.hidden_indices(n_hs)
         except ValueError as e:
             raise FairllavaError(f"{cfg.method}: {e}") from None
-        return _Loaded(model, processor, dataset, indices, method, hidden_indices, val)
+        return _Loaded(model, processor, dataset, indices, method, hidden_indices, val, compute_dtype)
 
     def _total_steps(self, per_epoch: int) -> int:
         o = self.cfg.optim
@@ -381,7 +398,12 @@ class FairTrainer:
                     "fairness.update_mode=alternating with several processes needs fairness.gather_across_ranks: true "
                     "(the heads are stepped outside DDP and stay identical only when every rank sees the global batch)"
                 )
-            return FairLLaVAMethod(reg, fc)
+            method = FairLLaVAMethod(reg, fc)
+            if fc.mi_conditional and fc.mi_strata_source == "chexpert_rules":  # strata derived from target reports
+                from ..regularizer.strata import chexpert_strata
+
+                method.strata_by_id = chexpert_strata([dataset.records[i] for i in indices], fc.mi_strata_findings)
+            return method
         if cfg.method == "adversarial":
             nc = {a: v.num_classes for a, v in dataset.vocabs.items()}
             steps = self._total_steps(1)  # replaced once the data order is known
@@ -476,7 +498,8 @@ class FairTrainer:
         optimizer = build_optimizer(model, method, o)
         scheduler = get_scheduler(o.scheduler if o.scheduler != "constant" else "constant_with_warmup", optimizer,
                                   num_warmup_steps=int(round(o.warmup_ratio * total)), num_training_steps=total)
-        module = TrainingModule(model, method, loaded.hidden_indices, compact_logits=cfg.model.compact_logits)
+        module = TrainingModule(model, method, loaded.hidden_indices, compact_logits=cfg.model.compact_logits,
+                                compute_dtype=loaded.compute_dtype)
         module, optimizer = accelerator.prepare(module, optimizer)
         extra_opt = None
         if isinstance(method, FairLLaVAMethod) and method.update_mode == "alternating":
@@ -490,6 +513,11 @@ class FairTrainer:
         for opt in (extra_opt, pre_opt):
             if opt is not None:
                 accelerator.register_for_checkpointing(opt)
+        budget = None  # fairness.penalty_grad_clip / penalty_grad_ratio: the penalty's gradient clipped on its own
+        if isinstance(method, FairLLaVAMethod) and method.separate_penalty:
+            from ..regularizer.budget import PenaltyBudget
+
+            budget = PenaltyBudget.for_optimizer(method.regularizer.cfg, optimizer, accelerator)
         if isinstance(method, FairLLaVAMethod):
             # Heads outside the wrapped module (alternating) and running statistics (mi_standardize) are not
             # trainable parameters of the model, so the save hook does not see them: checkpoint the whole regulariser.
@@ -550,10 +578,15 @@ class FairTrainer:
                     with ctx:
                         loss, logs, aux = module(batch, frac, step)
                         res = method.after_forward(StepOutput(loss, logs, aux), batch, step)
+                        if budget is not None:
+                            budget.accumulate(res.aux.get("penalty_loss"), 1.0 / ga)
                         accelerator.backward(res.loss / ga)
                     for k, v in res.logs.items():
                         acc_logs.setdefault(k, []).append(float(v))
-                if o.max_grad_norm and o.max_grad_norm > 0:
+                if budget is not None:
+                    for k, v in budget.apply(o.max_grad_norm, accelerator).items():
+                        acc_logs.setdefault(k, []).append(v)
+                elif o.max_grad_norm and o.max_grad_norm > 0:
                     gn = accelerator.clip_grad_norm_(params, o.max_grad_norm)
                     acc_logs.setdefault("grad_norm", []).append(float(gn))
                 optimizer.step()
@@ -574,6 +607,10 @@ class FairTrainer:
                     progress.update(state.step)
                 if do_ckpt:
                     self._save_checkpoint(accelerator, module, method, state.step)
+        except DeadDACError:  # fairness.on_dead_dac=error: no checkpoint of this run may look complete
+            if main:
+                ck.discard_checkpoints(self.run_dir)
+            raise
         finally:
             progress.close()
             logger.close()
@@ -597,6 +634,8 @@ class FairTrainer:
 
     def _validate(self, accelerator, module, val, collator) -> float:
         """Token-mean LM loss on ``data.val`` (eval mode, no grad; consumes no RNG, so resume stays exact)."""
+        from ..models.precision import autocast
+
         wrapped = accelerator.unwrap_model(module)
         model = wrapped.model
         bs = self.cfg.optim.per_device_batch_size
@@ -609,8 +648,9 @@ class FairTrainer:
             for i in range(0, len(mine), bs):
                 batch = _to_device(collator([val[j] for j in mine[i:i + bs]]), accelerator.device)
                 inputs = {k: v for k, v in batch.items() if k not in _BATCH_META and isinstance(v, torch.Tensor)}
-                out, labels = lm_forward(model, inputs, batch["labels"], wrapped.compact_logits)
-                per, n = per_sample_lm_loss(out.logits, labels)
+                with autocast(accelerator.device, wrapped.compute_dtype):
+                    out, labels = lm_forward(model, inputs, batch["labels"], wrapped.compact_logits)
+                per, n = per_sample_lm_loss(out.logits.float(), labels)
                 tot += torch.stack([(per * n).sum(), n.sum()]).double().cpu()
         model.train(was_training)
         if world > 1:
@@ -678,12 +718,14 @@ def _check_same_config(cfg: TrainConfig, saved: Path) -> None:
 
 def _task_label_classes(cfg: TrainConfig, loaded: "_Loaded") -> Optional[list[str]]:
     """Task-label classes (records' ``label``) for ``fairness.mi_conditional``; None when it is off."""
-    if cfg.method != "fairllava" or not cfg.fairness.get("mi_conditional", False):
+    if cfg.method != "fairllava" or not cfg.fairness.get("mi_conditional", False) or \
+            cfg.fairness.get("mi_strata_source", "label") != "label":
         return None
     recs = [loaded.dataset.records[i] for i in loaded.indices] + (loaded.val.records if loaded.val is not None else [])
     classes = sorted({str(r["label"]) for r in recs if r.get("label") is not None})
     if not classes:
-        raise FairllavaError(f"{cfg.data.train}: fairness.mi_conditional needs a 'label' field in the records; none has one")
+        raise FairllavaError(f"{cfg.data.train}: fairness.mi_conditional needs a 'label' field in the records; none has "
+                             "one (report generation: set fairness.mi_strata_source: chexpert_rules)")
     return classes
 
 
