@@ -89,3 +89,58 @@ def test_comparison_report(tmp_path):
     assert float(pv[0]["p_one_sided"]) == pytest.approx(res.pvalues[0]["p_one_sided"])
     assert set(json.loads((out / "metrics.json").read_text())) == {"baseline", "fairllava"}
     assert "Paired bootstrap p-values" in (out / "report.md").read_text()
+
+
+def test_reports_lead_with_the_verdict(tmp_path):
+    from fairllava.fairness import compare_systems
+
+    a = vqa_rows(200, {"F": 0.9, "M": 0.55}, seed=2)
+    b = vqa_rows(200, {"F": 0.85, "M": 0.85}, seed=2)
+    plain = evaluate_predictions(a, "vqa", metrics=["accuracy"], n_boot=50, n_perm=50, n_min=10)
+    md = (write_evaluation(plain, tmp_path / "plain") / "report.md").read_text().splitlines()
+    assert md[2].startswith("**Verdict:** no direction was given")
+    assert "| p all groups equal | p Holm |" in "\n".join(md)
+    ev = evaluate_predictions(a, "vqa", metrics=["accuracy", "macro_f1"], n_boot=100, n_perm=100, n_min=10,
+                              directions=["sex=F>M"])
+    md = (write_evaluation(ev, tmp_path / "ev") / "report.md").read_text().splitlines()
+    c = ev.signed_gap["sex"]["accuracy"]
+    assert md[2].startswith("**Primary endpoint:** signed gap of accuracy, sex: F > M")
+    assert f"{c['value']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]" in md[2] and "p = " in md[2]
+    assert md[4].startswith("**Verdict:** M is worse off on accuracy (significant")
+    cmp = compare_systems(a, b, "vqa", directions=["sex=F>M"], metrics=["accuracy", "macro_f1"], n_boot=100,
+                          n_perm=100, n_min=10)
+    out = write_comparison_report(cmp.results, cmp.pvalues, tmp_path / "cmp", meta=cmp.meta,
+                                  endpoints=cmp.endpoints, mcnemar=cmp.mcnemar)
+    md = (out / "report.md").read_text().splitlines()
+    assert md[2].startswith("**Primary endpoint sex:accuracy**") and "Holm p = " in md[2]
+    assert md[4].startswith("**Verdict:** method narrowed the gap on sex:accuracy")
+    with open(out / "pvalues.csv") as f:
+        pv = list(csv.DictReader(f))
+    assert pv[0]["endpoint"] == "sex:accuracy" and pv[0]["family"] == "primary" and pv[0]["p_holm"]
+    assert all(r["p_holm"] for r in pv)
+    assert json.loads((out / "endpoints.json").read_text())["primary"] == ["sex:accuracy"]
+
+
+def test_pooled_report(tmp_path):
+    import numpy as np
+
+    from fairllava.fairness import SeedPair, pool_paired
+    from fairllava.report import write_pooled_report
+
+    rng = np.random.default_rng(0)
+    values = ["a"] * 100 + ["d"] * 100
+    pairs = [SeedPair((rng.random(200) < np.repeat([0.85, 0.6], 100)) * 100.0,
+                      (rng.random(200) < 0.75) * 100.0, values, ids=[str(i) for i in range(200)]) for _ in range(3)]
+    res = pool_paired(pairs, "x=a>d", n_boot=100, n_perm=50)
+    res["metric"] = "accuracy"
+    out = write_pooled_report([res], tmp_path / "pool", ("lora", "fair"), {"primary": ["x:accuracy"]})
+    md = (out / "report.md").read_text().splitlines()
+    assert md[2].startswith("**Primary endpoint x:accuracy**") and "pooled over 3 seeds" in md[2]
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "pooled.json", "per_seed.csv",
+                                               "pvalues.csv", "meta.json"}
+    def no_constants(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    json.loads((out / "pooled.json").read_text(), parse_constant=no_constants)  # strict JSON (no Infinity/NaN)
+    with pytest.raises(FairllavaError, match="already exists"):
+        write_pooled_report([res], out)

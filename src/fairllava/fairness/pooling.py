@@ -108,7 +108,8 @@ def random_effects(D: np.ndarray, Sigma: np.ndarray, level: float = 0.95, shared
         ci, p2 = [mean - q * se, mean + q * se], min(1.0, 2 * min(p1, 1 - p1))
     else:
         ci = p1 = p2 = None
-    return {"diff": _f(mean), "ci": ci, "se": _f(se), "tau2": _f(tau2), "sampling_var": _f(samp), "df": df,
+    return {"diff": _f(mean), "ci": ci, "se": _f(se), "tau2": _f(tau2), "sampling_var": _f(samp),
+            "df": None if np.isinf(df) else df,  # None: normal reference (tau^2 = 0)
             "n_seeds": S, "p_value": p1, "p_two_sided": p2, "shared_samples": shared,
             "method": "random effects: mean of per-seed d; SE^2 = tau^2/S + 1'Σ1/S^2 with Σ from a joint paired "
                       "bootstrap (one unit draw shared by all seeds when they are the same samples) and tau^2 by "

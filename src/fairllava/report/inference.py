@@ -158,7 +158,7 @@ def pooled_blocks(pooled: Sequence[dict], names: Sequence[str]) -> list:
     blocks: list = []
     for p in pooled:
         q = p["pooled"]
-        df = "∞" if q["df"] == float("inf") else f"{q['df']:.1f}"
+        df = "∞ (normal)" if q["df"] is None else f"{q['df']:.1f}"
         blocks += [Heading(f"{p['attribute']}:{p['metric']} per seed"),
                    Table(["pair", f"{base} file", f"{meth} file", "n", f"{base} Δs [95% CI]", f"{meth} Δs [95% CI]",
                           "d [95% CI]", "p (one-sided)"],
