@@ -78,6 +78,10 @@ def _directions(direction, datacard, direction_from, direction_metric, evaluated
     from ..fairness.signed import directions_from_datacard, directions_from_file, parse_direction
 
     out = [parse_direction(d) for d in direction or []]
+    attrs = [d.attribute for d in out]
+    if len(set(attrs)) != len(attrs):
+        dup = next(a for a in attrs if attrs.count(a) > 1)
+        raise FairllavaError(f"--direction: attribute {dup!r} has more than one direction; give one per attribute")
     if datacard is not None:
         out += directions_from_datacard(datacard)
     if direction_from is not None:

@@ -320,6 +320,9 @@ def evaluate_predictions(predictions: Sequence[dict] | str | os.PathLike | EvalD
     if intersections and len(attrs) >= 2:
         attrs = attrs + add_intersections(attr_values, list(attrs))
     dirs = [as_direction(d) for d in directions]
+    doubled = sorted({d.attribute for d in dirs if sum(e.attribute == d.attribute for e in dirs) > 1})
+    if doubled:
+        raise FairllavaError(f"--direction: attribute {doubled[0]!r} has more than one direction; give one per attribute")
     for d in dirs:
         if d.attribute not in attr_values:
             raise FairllavaError(f"{data.source}: --direction {d.spec} names attribute {d.attribute!r}, which is not "
