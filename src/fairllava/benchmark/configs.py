@@ -42,7 +42,7 @@ def _classes(attribute: str) -> list[str]:
 def _common(plan, task: str, seed: int, stage: int, base: str, data: str, run_dir: str,
             projector: Optional[str]) -> dict:
     cfg: dict[str, Any] = {
-        "model": {"path": str(base), "dtype": "float32", "projector_path": projector},
+        "model": {"path": str(base), "dtype": "auto", "projector_path": projector},  # bf16 where the CPU has it
         "data": {"train": str(Path(data) / "train.jsonl"), "image_root": str(Path(data) / "images"),
                  "attributes": {plan.attribute: VOCAB_CONFIG[plan.attribute]}, "max_length": 512,
                  "system_prompt": plan.system_prompt},

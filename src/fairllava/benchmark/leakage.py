@@ -9,6 +9,7 @@ the LM) and at the layer the estimator regularises, on the evaluated split, with
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,9 @@ def run_leakage_audit(plan, step, model, processor, data: Path, records_path: Pa
 
     def probe(idx: np.ndarray) -> dict[int, float]:
         sub = FeatureSet([feats.ids[i] for i in idx], feats.layers, {k: v[idx] for k, v in feats.X.items()})
-        res = audit_features({"m": sub}, [records[i] for i in idx], cfg, vocabs=vocabs)
+        with warnings.catch_warnings():  # log(0) of a saturated probe's class probabilities: expected, not news
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = audit_features({"m": sub}, [records[i] for i in idx], cfg, vocabs=vocabs)
         rows = res["models"]["m"]["attributes"].get(plan.attribute, {}).get("per_layer", [])
         return {int(r["layer"]): 100.0 * r["balanced_accuracy"] for r in rows}
 

@@ -218,11 +218,15 @@ def pooled(seeds: Sequence[SeedData], metric: str, quantity: str, direction: tup
     """``quantity`` of one system pooled over seeds (see :data:`POOLING`); p-value only for ``signed_gap``."""
     qs = [_Quantity(sd, metric, quantity, *direction) for sd in seeds]
     per_seed = [float(q(q.ones())[0]) for q in qs]
-    var = None
+    var, reps = None, []
     if n_boot >= 2:
-        var = [float(np.nanvar(_boot(q, n_boot, _rng(seed, key, metric, quantity, "boot", sd.seed)), ddof=1))
-               for q, sd in zip(qs, seeds)]
+        reps = [_boot(q, n_boot, _rng(seed, key, metric, quantity, "boot", sd.seed)) for q, sd in zip(qs, seeds)]
+        var = [float(np.nanvar(r, ddof=1)) for r in reps]
     out = _random_effects(per_seed, var, level)
+    if len(seeds) == 1 and reps:  # one seed: no between-seed part; the bootstrap's own percentile interval
+        r = reps[0][np.isfinite(reps[0])]
+        if r.size >= 2:
+            out["ci"] = [float(np.quantile(r, (1 - level) / 2)), float(np.quantile(r, (1 + level) / 2))]
     if quantity != "signed_gap":
         out["p_value"] = None
     return {**out, "per_seed": [_f(v) for v in per_seed], "seeds": [sd.seed for sd in seeds]}

@@ -68,13 +68,17 @@ def verdict(row: dict, base: Optional[dict], alpha: float, member: bool) -> dict
     p_name = "Holm-adjusted p" if member else "unadjusted p (not in the primary family)"
     rel = "not distinguishable from" if label == "not distinguishable" else f"{label} than"
     text = (f"{row['method']}: {rel} {row['vs_baseline']['baseline']} on {row['task']} (S = {row['strength']:g}, "
-            f"{len(row['vs_baseline']['seeds'])} seeds): signed {m} gap {adv}−{dis} {_f(gap_b)} → {_f(gap_m)}, "
+            f"{_seeds(len(row['vs_baseline']['seeds']))}): signed {m} gap {adv}−{dis} {_f(gap_b)} → {_f(gap_m)}, "
             f"reduction {_f(reduction, sign=True)} [{_f(ci[0]) if ci else '–'}, {_f(ci[1]) if ci else '–'}], "
             f"{p_name} = {'–' if p is None else f'{p:.3g}'}")
     if levelled:
         text += f"; levelled down ({adv} {_f(drop, sign=True)} points, below the {row['vs_baseline']['baseline']} CI)"
     return {"label": label, "reduction": reduction, "reduction_ci": ci, "p": p, "adjusted": member,
             "levelled_down": levelled, "advantaged_change": drop, "text": text}
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
 
 
 def _f(v, sign: bool = False) -> str:
