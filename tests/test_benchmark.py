@@ -18,7 +18,7 @@ import yaml
 from fairllava.benchmark.leaderboard import build_leaderboard
 from fairllava.benchmark.manifest import read_done, write_done
 from fairllava.benchmark.plan import load_plan, plan_from_dict
-from fairllava.benchmark.report import FILES, write_leaderboard
+from fairllava.benchmark.report import FILES
 from fairllava.benchmark.runner import run_sweep
 from fairllava.errors import FairllavaError
 
@@ -43,18 +43,24 @@ def _run_dirs(out: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
+    """The smoke plan through the CLI (`fairllava benchmark run`, which also writes the leaderboard)."""
+    from typer.testing import CliRunner
+
+    from fairllava.cli import app
+
     out = tmp_path_factory.mktemp("bench") / "a"
     t0 = time.perf_counter()
-    res, _ = _sweep(out)
+    cli = CliRunner().invoke(app, ["benchmark", "run", str(SMOKE), "--out", str(out), "--threads-per-job", "1"])
     seconds = time.perf_counter() - t0
-    board = build_leaderboard(out, log=lambda m: None)
-    write_leaderboard(board, out)
-    return out, json.loads(json.dumps(board)), res, seconds
+    assert cli.exit_code == 0, cli.output
+    res, _ = _sweep(out)  # a second call finds everything finished
+    return out, json.loads((out / "leaderboard.json").read_text()), res, seconds
 
 
 def test_smoke_sweep_runs_every_step_and_writes_the_leaderboard(sweep):
     out, board, res, seconds = sweep
-    assert len(res.ran) == 14 and res.done == [] and res.rerun_corrupt == []
+    assert len(res.done) == 14 and res.ran == [] and res.rerun_corrupt == []
+    assert board == json.loads(json.dumps(build_leaderboard(out, log=lambda m: None)))
     assert {r["method"] for r in board["rows"]} == {"lora", "fairllava", "reweight"}
     assert all(r["seeds"] == [2, 3] and r["split"] == "test" for r in board["rows"])
     assert not board["partial"] and board["runs"] == {"finished": 6, "missing": 0, "corrupt": 0, "total": 6}
