@@ -240,7 +240,7 @@ def pair_paths(tokens: Sequence[str]) -> list[tuple[str, str]]:
     while i < len(toks):
         if toks[i] != "--pair":
             raise FairllavaError(f"compare: unexpected argument {toks[i]!r} (files go after --pair, two at a time)")
-        if i + 2 >= len(toks) + 0 and len(toks) - i < 3:
+        if len(toks) - i < 3:
             raise FairllavaError(f"--pair: expected two files (BASELINE METHOD), got {toks[i + 1:]}")
         a, b = toks[i + 1], toks[i + 2]
         if a.startswith("--") or b.startswith("--"):
