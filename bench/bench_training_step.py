@@ -1,14 +1,31 @@
-"""Training-step time on the demo's model: LM-head logits at every position vs only where the loss reads them.
+"""Stage-2 step time on the demo model: fp32 vs the default precision, the distance to this CPU's bf16 limit, and
+the regulariser's overhead (time and memory) — measured interleaved in one run.
 
-Usage: python bench/bench_training_step.py [--steps 6] [--batch-size 8]
-Needs the embedded VLM (built by `make demo` / `fairllava demo`, or built here from the offline wheels) and the
-demo's rendered data (rendered into a temp folder if absent). The settings are measured interleaved (round-robin
-over repeats) so machine load affects them alike; prints median seconds per forward+backward, the speed-up over
-full logits, and checks that compact logits give the same loss (dropout off).
+Usage:
+  python bench/bench_training_step.py [--steps 6] [--batch-size 8]      # step times, FLOP limit, overhead
+  python bench/bench_training_step.py --curves 100 --out docs/results/precision_curves.json
+                                                                        # 100-step loss curves, fp32 vs default
+
+Settings are built exactly as the trainer builds them (models/precision.py, models/lora_dropout.py,
+TrainingModule) and timed round-robin (one step of each per round; the first round is discarded), so machine load
+hits them alike. A step is forward + backward + AdamW step on the trainable weights.
+
+- "fp32, PEFT dropout" is the step before this work: fp32 weights, one Bernoulli mask per LoRA layer.
+- The limit: the step's matmul FLOPs (torch's FlopCounterMode: mm/bmm/addmm/conv/SDPA, forward and backward)
+  divided by this machine's measured bf16 matmul rate (a 2048^3 mm at the same thread count).
+- Memory on a CPU has no allocator peak counter, so "step memory" is what differs between methods: the bytes
+  saved for backward (deduplicated by storage, via saved-tensor hooks) plus trainable weights, gradients and
+  AdamW state (method heads included). Frozen weights are the same for every method and left out.
+
+--curves trains N real steps (FairTrainer, demo stage-2 settings) three times: fp32 seed 0, default seed 0,
+default seed 1. Same-seed runs share the data order and the dropout masks (the mask bits do not depend on the
+dtype), so fp32-vs-default isolates precision; seed 0-vs-1 is the run-to-run variation every claim already lives
+with. The tolerance: the precision difference of 10-step window means must not exceed the seed difference.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -18,64 +35,238 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 
-def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None) -> dict:
+
+def _data(n_train: int, data_dir: str | None) -> Path:
+    from fairllava.data.preparers.shortcut import prepare_shortcut
+
+    if data_dir is not None:
+        return Path(data_dir)
+    out = Path(tempfile.mkdtemp(prefix="fairllava-bench-")) / "data"
+    prepare_shortcut("derm-vqa", out, seed=0, strength=1.0, n_train=n_train, n_val_per_cell=1, n_test_per_cell=1,
+                     image_size=128, evidence_probe=False, progress=False)
+    return out
+
+
+def _demo_fairness() -> dict:
+    """The demo's fairllava estimator: the paper's block with the demo's overrides (index 0, conditional)."""
+    from fairllava.benchmark.configs import paper_fairness
+    from fairllava.demo import DEMO_FAIRNESS_OVERRIDES
+
+    return {**paper_fairness("race"), **DEMO_FAIRNESS_OVERRIDES}
+
+
+def build(base: Path, dtype: str, shared_dropout: bool, method: str = "lora", attn: str | None = None):
+    """(model, TrainingModule, optimizer) laid out like FairTrainer._load does it."""
+    import torch
+
+    from fairllava.models.loading import LoraSettings, apply_lora, load_vlm
+    from fairllava.models.precision import prepare_for_training, resolve_dtype, store_in_compute_dtype
+    from fairllava.training.methods import FairLLaVAMethod, LoraMethod
+    from fairllava.training.trainer import TrainingModule, _active_projector, _hidden_size, _n_hidden_states
+
+    cdt = resolve_dtype(dtype, "cpu")
+    model, proc = load_vlm(base, dtype="checkpoint")
+    from fairllava.models.precision import training_attention
+
+    attn = training_attention(attn or "auto", "cpu")
+    if attn:
+        model.set_attn_implementation(attn)
+    store_in_compute_dtype(model, cdt, keep_fp32=_active_projector(model))
+    model = apply_lora(model, LoraSettings(**LORA, shared_dropout=shared_dropout))
+    prepare_for_training(model, cdt)
+    model.train()
+    if method == "lora":
+        m = LoraMethod()
+    else:
+        from fairllava.regularizer import FairnessConfig, FairnessRegularizer
+
+        fc = FairnessConfig.from_dict(_demo_fairness())
+        m = FairLLaVAMethod(FairnessRegularizer(fc, hidden_size=_hidden_size(model)), fc)
+    mod = TrainingModule(model, m, m.hidden_indices(_n_hidden_states(model)), compact_logits=True, compute_dtype=cdt)
+    params = [p for p in mod.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    return mod, opt, proc, cdt
+
+
+def _step(mod, opt, batch) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss, _, _ = mod(batch, 0.0, 0)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
+def step_memory(mod, opt, batch) -> int:
+    """Bytes saved for backward (by storage) + trainable weights, grads and AdamW state."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        except RuntimeError:
+            pass
+        return t
+
+    opt.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _, _ = mod(batch, 0.0, 0)
+    loss.backward()
+    opt.step()
+    trainable = sum(p.numel() * p.element_size() * 2 for p in mod.parameters() if p.requires_grad)  # weight + grad
+    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    return sum(seen.values()) + trainable + state
+
+
+def matmul_flops(mod, opt, batch) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        _step(mod, opt, batch)
+    return float(fc.get_total_flops())
+
+
+def bf16_matmul_rate(n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of an n^3 bf16 mm at the current thread count (median of reps)."""
+    import torch
+
+    a = torch.randn(n, n, dtype=torch.bfloat16)
+    b = torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(ts)
+
+
+def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None, attn_variants: bool = True) -> dict:
     import torch
 
     from fairllava.data.collator import VLMCollator
     from fairllava.data.dataset import VLMDataset
-    from fairllava.data.preparers.shortcut import prepare_shortcut, shortcut_vocabs
-    from fairllava.demo import get_preset
+    from fairllava.data.preparers.shortcut import shortcut_vocabs
     from fairllava.models.embedded import ensure_embedded_vlm
-    from fairllava.models.loading import LoraSettings, apply_lora, load_vlm
-    from fairllava.training.methods import LoraMethod
-    from fairllava.training.trainer import TrainingModule
 
-    p = get_preset("default")
-    if data_dir is None:
-        data_dir = Path(tempfile.mkdtemp(prefix="fairllava-bench-")) / "data"
-        prepare_shortcut(p.task, data_dir, seed=0, strength=p.strength, n_train=64, n_val_per_cell=1,
-                         n_test_per_cell=1, image_size=p.image_size, evidence_probe=False, progress=False)
-    data_dir = Path(data_dir)
-    model, proc = load_vlm(ensure_embedded_vlm(image_size=p.image_size, seed=0), dtype="float32")
-    model = apply_lora(model, LoraSettings(**p.lora))
-    model.train()
+    data = _data(64, data_dir)
+    base = ensure_embedded_vlm(image_size=128, seed=0)
     vocabs = shortcut_vocabs()
-    ds = VLMDataset(data_dir / "train.jsonl", data_dir / "images", vocabs)
+    ds = VLMDataset(data / "train.jsonl", data / "images", vocabs)
     items = [ds[i] for i in range(batch_size)]
-    settings = {"full logits": False, "compact logits": True}
-    batch = VLMCollator(proc, vocabs, "train", system_prompt=p.system_prompt)(items)
-    modules = {k: TrainingModule(model, LoraMethod(), [], compact_logits=c) for k, c in settings.items()}
-    times: dict[str, list[float]] = {k: [] for k in settings}
-    for rep in range(steps + 1):  # the first round warms up and is discarded
-        for k in settings:
-            model.zero_grad(set_to_none=True)
+    variants = {
+        "fp32, PEFT dropout, sdpa (before)": ("float32", False, "lora", "sdpa"),
+        "bf16, PEFT dropout, sdpa": ("auto", False, "lora", "sdpa"),
+        "bf16, shared dropout, sdpa": ("auto", True, "lora", "sdpa"),
+        "default (auto: bf16, shared, eager)": ("auto", True, "lora", "auto"),
+        "default, fairllava (demo estimator)": ("auto", True, "fairllava", "auto"),
+    }
+    if attn_variants:
+        variants["fp32, PEFT dropout, eager"] = ("float32", False, "lora", "eager")
+    built = {}
+    for name, (dt, shared, method, attn) in variants.items():
+        mod, opt, proc, cdt = build(base, dt, shared, method, attn)
+        batch = VLMCollator(proc, vocabs, "train", task_labels=sorted({r["label"] for r in ds.records}))(items)
+        built[name] = (mod, opt, batch, cdt)
+    times: dict[str, list[float]] = {k: [] for k in built}
+    for rep in range(steps + 1):
+        for name, (mod, opt, batch, _) in built.items():
             t = time.perf_counter()
-            loss, _, _ = modules[k](batch, 0.0, 0)
-            loss.backward()
+            _step(mod, opt, batch)
             if rep:
-                times[k].append(time.perf_counter() - t)
-    first = next(iter(settings))
+                times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"threads={torch.get_num_threads()}  batch={batch_size}  steps={steps}")
-    for k in settings:
-        print(f"{k:16s} T={batch['input_ids'].shape[1]:3d}  {med[k]:6.2f} s/step  x{med[first] / med[k]:.2f}")
-    # dropout differs between calls, so compare losses with dropout off
-    model.eval()
-    with torch.no_grad():
-        a = modules["full logits"](batch, 0.0, 0)[0]
-        b = modules["compact logits"](batch, 0.0, 0)[0]
-    print(f"eval-mode loss: full {float(a):.6f}  compact {float(b):.6f}  |diff| {abs(float(a - b)):.2e}")
-    return {"median_seconds": med, "loss_diff": abs(float(a - b))}
+    before = med["fp32, PEFT dropout, sdpa (before)"]
+    default = "default (auto: bf16, shared, eager)"
+    T = built[default][2]["input_ids"].shape[1]
+    print(f"threads={torch.get_num_threads()}  batch={batch_size}  T={T}  rounds={steps}  "
+          f"default dtype={built[default][3]}")
+    for k in built:
+        print(f"{k:38s} {med[k]:6.3f} s/step   x{before / med[k]:.2f} vs fp32")
+    flops = matmul_flops(*built[default][:3])
+    rate = bf16_matmul_rate()
+    limit = flops / rate
+    print(f"matmul FLOPs per step {flops / 1e9:.1f} GFLOP; bf16 mm rate here {rate / 1e9:.0f} GFLOP/s -> limit "
+          f"{limit:.3f} s/step; default step is {med[default] / limit:.1f}x the limit")
+    mem = {k: step_memory(*built[k][:3]) for k in (default, "default, fairllava (demo estimator)")}
+    fair = "default, fairllava (demo estimator)"
+    print(f"regulariser overhead: time x{med[fair] / med[default]:.3f}  step memory "
+          f"{mem[default] / 2**20:.0f} -> {mem[fair] / 2**20:.0f} MiB (x{mem[fair] / mem[default]:.3f})")
+    return {"median_seconds": med, "speedup_vs_fp32": before / med[default], "flops": flops, "bf16_rate": rate,
+            "limit_seconds": limit, "overhead_time": med[fair] / med[default],
+            "overhead_memory": mem[fair] / mem[default], "threads": torch.get_num_threads(), "T": int(T)}
+
+
+# ----------------------------------------------------------------------------- loss curves
+def _train_curve(base: Path, data: Path, out: Path, dtype: str, seed: int, steps: int) -> list[float]:
+    from fairllava.benchmark.rendering import VOCAB_CONFIG
+    from fairllava.training.config import TrainConfig
+    from fairllava.training.logging import read_metrics
+    from fairllava.training.trainer import FairTrainer
+
+    cfg = TrainConfig.from_dict({
+        "model": {"path": str(base), "dtype": dtype},
+        "data": {"train": str(data / "train.jsonl"), "image_root": str(data / "images"),
+                 "attributes": {"race": VOCAB_CONFIG["race"]}, "max_length": 512},
+        "output_dir": str(out), "stage": 2, "method": "lora", "lora": dict(LORA),
+        "optim": {"lr": 2e-4, "per_device_batch_size": 8, "grad_accum": 1, "max_steps": steps, "seed": seed,
+                  "warmup_ratio": 0.03},
+        "checkpointing": {"every_n_steps": steps, "keep_last": 1},
+        "logging": {"every_n_steps": 1, "tensorboard": False, "progress": False},
+    })
+    FairTrainer(cfg).train()
+    return [r["lm_loss"] for r in read_metrics(out) if "lm_loss" in r]
+
+
+def curves(steps: int, out_json: str | None, data_dir: str | None) -> dict:
+    from fairllava.io import atomic_write_json
+    from fairllava.models.embedded import ensure_embedded_vlm
+
+    data = _data(400, data_dir)
+    base = ensure_embedded_vlm(image_size=128, seed=0)
+    tmp = Path(tempfile.mkdtemp(prefix="fairllava-curves-"))
+    runs = {}
+    for name, dtype, seed in (("fp32_s0", "float32", 0), ("default_s0", "auto", 0), ("default_s1", "auto", 1)):
+        t = time.perf_counter()
+        runs[name] = _train_curve(base, data, tmp / name, dtype, seed, steps)
+        print(f"{name}: {steps} steps in {time.perf_counter() - t:.0f} s, final loss {runs[name][-1]:.4f}", flush=True)
+
+    def windows(x: list[float], w: int = 10) -> list[float]:
+        return [sum(x[i:i + w]) / len(x[i:i + w]) for i in range(0, len(x), w)]
+
+    wp = [abs(a - b) for a, b in zip(windows(runs["fp32_s0"]), windows(runs["default_s0"]))]
+    ws = [abs(a - b) for a, b in zip(windows(runs["default_s0"]), windows(runs["default_s1"]))]
+    ok = max(wp) <= max(ws)
+    print(f"10-step window means: max |fp32 - default| (same seed) = {max(wp):.4f}; "
+          f"max |seed 0 - seed 1| (default) = {max(ws):.4f} -> {'PASS' if ok else 'FAIL'} "
+          "(precision must not move the curve more than a seed does)")
+    res = {"steps": steps, "losses": runs, "window_abs_diff_precision": wp, "window_abs_diff_seed": ws, "pass": ok}
+    if out_json:
+        atomic_write_json(out_json, res)
+    return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=6, help="timed rounds (one step of every setting each)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--data", default=None, help="a rendered shortcut folder (default: render 64 images to a temp dir)")
+    ap.add_argument("--data", default=None, help="a rendered shortcut folder (default: render into a temp dir)")
+    ap.add_argument("--no-attn-variant", action="store_true", help="skip the fp32-with-eager-attention setting")
+    ap.add_argument("--curves", type=int, default=0, help="train N-step loss curves instead (fp32 vs default)")
+    ap.add_argument("--out", default=None, help="JSON file for the results")
     a = ap.parse_args()
-    run(a.steps, a.batch_size, a.data)
+    if a.curves:
+        curves(a.curves, a.out, a.data)
+        return
+    res = run(a.steps, a.batch_size, a.data, attn_variants=not a.no_attn_variant)
+    if a.out:
+        from fairllava.io import atomic_write_json
+
+        atomic_write_json(a.out, res)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,13 @@ def store_in_compute_dtype(model: nn.Module, compute_dtype: torch.dtype, keep_fp
         keep_fp32.load_state_dict(saved)
 
 
+def training_attention(setting: str, device: torch.device | str) -> str | None:
+    """The attention implementation to train with (None = keep the model's own); see ``model.attn_implementation``."""
+    if setting == "auto":
+        return "eager" if torch.device(device).type == "cpu" else None
+    return setting
+
+
 def keep_trainable_fp32(model: nn.Module) -> int:
     """Cast every trainable parameter to fp32 in place (master weights); returns how many were cast.
 
@@ -181,4 +188,5 @@ __all__ = [
     "prepare_for_training",
     "resolve_dtype",
     "store_in_compute_dtype",
+    "training_attention",
 ]

@@ -39,6 +39,10 @@ class ModelConfig:
     # LM-head logits only where the loss reads them (same loss; x1.35 per step on the demo model); models whose
     # forward has no ``logits_to_keep`` get full logits.
     compact_logits: bool = True
+    # Attention kernel for training: auto = eager (matmul + softmax, bf16 bmm on AMX) on a CPU, where torch's
+    # flash-attention backward was a quarter of a bf16 step at the demo's 71 tokens; the model's own default (sdpa)
+    # on a GPU. Or name one: eager, sdpa, flash_attention_2.
+    attn_implementation: str = "auto"
 
 
 @dataclass

@@ -310,7 +310,7 @@ class FairTrainer:
         from ..data import VLMDataset, vocabs_from_config
         from ..data.attributes import apply_missing_policy
         from ..models.loading import LoraSettings, apply_lora, image_token_id, load_vlm
-        from ..models.precision import prepare_for_training, resolve_dtype, store_in_compute_dtype
+        from ..models.precision import prepare_for_training, resolve_dtype, store_in_compute_dtype, training_attention
 
         cfg = self.cfg
         vocabs = vocabs_from_config(cfg.data.attributes)
@@ -334,6 +334,12 @@ class FairTrainer:
         model, processor = load_vlm(cfg.model.path, dtype="checkpoint", trust_remote_code=cfg.model.trust_remote_code)
         image_token_id(model)  # raises a clear error when the image-token mask cannot be derived
         store_in_compute_dtype(model, compute_dtype, keep_fp32=_active_projector(model))
+        attn = training_attention(cfg.model.attn_implementation, accelerator.device)
+        if attn is not None:
+            try:
+                model.set_attn_implementation(attn)
+            except (ValueError, ImportError) as e:
+                raise FairllavaError(f"model.attn_implementation={attn!r}: {str(e).splitlines()[0]}") from None
         if cfg.model.projector_path:
             ck.load_projector(_active_projector(model), cfg.model.projector_path)
         if cfg.model.gradient_checkpointing:
