@@ -179,8 +179,10 @@ def _check_plain_peft_reload(trainer, data, cfg, out):
         a = trained(**inputs).logits
         b = reloaded(**inputs).logits
         c = LlavaForConditionalGeneration.from_pretrained(str(data / "model"))(**inputs).logits
-    assert torch.equal(a, b)
-    assert not torch.allclose(a, c), "training changed nothing"
+    # the trained model attends with the CPU training kernel (eager), the plain reload with the model's default
+    # (sdpa): same function, other fp32 reduction order, so close rather than bit-equal; training's effect is larger
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a, c, rtol=1e-3, atol=1e-3), "training changed nothing"
 
 
 def test_errors_before_training(data, tmp_path):
