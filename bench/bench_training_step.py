@@ -41,9 +41,9 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 def _data(n_train: int, data_dir: str | None) -> Path:
     from fairllava.data.preparers.shortcut import prepare_shortcut
 
-    if data_dir is not None:
+    if data_dir is not None and (Path(data_dir) / "train.jsonl").is_file():
         return Path(data_dir)
-    out = Path(tempfile.mkdtemp(prefix="fairllava-bench-")) / "data"
+    out = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="fairllava-bench-")) / "data"
     prepare_shortcut("derm-vqa", out, seed=0, strength=1.0, n_train=n_train, n_val_per_cell=1, n_test_per_cell=1,
                      image_size=128, evidence_probe=False, progress=False)
     return out
