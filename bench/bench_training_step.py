@@ -45,7 +45,8 @@ def _data(n_train: int, data_dir: str | None) -> Path:
         return Path(data_dir)
     out = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="fairllava-bench-")) / "data"
     prepare_shortcut("derm-vqa", out, seed=0, strength=1.0, n_train=n_train, n_val_per_cell=1, n_test_per_cell=1,
-                     image_size=128, evidence_probe=False, progress=False)
+                     image_size=128, evidence_probe=False, progress=False,
+                     overwrite=out.exists() and not any(out.iterdir()))
     return out
 
 

@@ -39,8 +39,13 @@ from fairllava.io import atomic_write_json
 from fairllava.regularizer.config import RECOMMENDED_ESTIMATOR
 from fairllava.regularizer.health import DeadDACWarning
 
-SETTINGS = {"paper": {}, "recommended": dict(RECOMMENDED_ESTIMATOR)}
+# "recommended_warmup": the same estimator with the penalty off until the health check (dac_warmup_steps = the
+# warm-up), which separates "the DAC cannot learn these states" from "the penalty already scrambled them"; added
+# after "recommended" stayed at chance here (training data only; docs/benchmark.md).
+SETTINGS = {"paper": {}, "recommended": dict(RECOMMENDED_ESTIMATOR),
+            "recommended_warmup": {**RECOMMENDED_ESTIMATOR, "dac_warmup_steps": "WARMUP"}}
 MUST_SHOW = {"paper": "the paper's literal estimator: the dead-DAC warning fires",
+             "recommended_warmup": "RECOMMENDED_ESTIMATOR, penalty off until the check: held-out bacc >= 0.75, no warning",
              "recommended": "paper block + RECOMMENDED_ESTIMATOR: held-out DAC balanced accuracy >= 0.75, no warning"}
 MIN_BACC = 0.75
 DEFAULT_WARMUP = {"smoke": 10}  # the tiny model's code check needs only >= 64 samples seen (8 steps of 8)
@@ -59,7 +64,8 @@ def prepare(out: Path, preset: str, seed: int):
 
 
 def fairness_block(name: str, warmup: int, seed: int) -> dict:
-    return {**paper_fairness(SHORTCUT_ATTRIBUTE, seed=seed), **SETTINGS[name], **PAPER_LAYER,
+    extra = {k: (warmup if v == "WARMUP" else v) for k, v in SETTINGS[name].items()}
+    return {**paper_fairness(SHORTCUT_ATTRIBUTE, seed=seed), **extra, **PAPER_LAYER,
             "dac_health_warmup_steps": warmup, "on_dead_dac": "warn"}
 
 

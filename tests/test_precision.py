@@ -24,12 +24,20 @@ def test_auto_follows_detected_bf16_support(monkeypatch):
     assert precision.resolve_dtype("bf16", "cpu") == torch.bfloat16  # alias; runs, but warns (below)
 
 
-def test_detection_agrees_with_the_cpu_flags():
-    try:
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        pytest.skip("no /proc/cpuinfo")
-    assert precision.cpu_has_bf16_matmul() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+def test_detection_falls_back_to_the_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    real_open = builtins.open
+    for flags, want in (("flags : fpu avx2 avx512f", False), ("flags : fpu avx512f amx_bf16 amx_tile", True),
+                        ("flags : fpu avx512_bf16", True)):
+        fake = tmp_path / "cpuinfo"
+        fake.write_text(flags)
+        monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(fake if f == "/proc/cpuinfo" else f, *a, **k))
+        precision.cpu_has_bf16_matmul.cache_clear()
+        assert precision.cpu_has_bf16_matmul() is want, flags
+    monkeypatch.setattr(builtins, "open", real_open)
+    precision.cpu_has_bf16_matmul.cache_clear()
 
 
 def test_bf16_without_support_warns_once_and_unknown_dtype_is_a_one_line_error(monkeypatch):
@@ -143,3 +151,19 @@ def test_share_lora_dropout_leaves_identity_alone_and_keeps_the_adapter_loadable
     pm.save_pretrained(tmp_path / "ad")
     fresh, _ = build_tiny_llava(seed=0)
     PeftModel.from_pretrained(fresh, str(tmp_path / "ad"))  # the shared module adds nothing to the saved adapter
+
+
+def test_mixed_precision_must_agree_with_the_model_dtype():
+    from fairllava.training.config import TrainConfig
+    from fairllava.training.trainer import _check_precision_agrees
+
+    def cfg(dtype, mp):
+        return TrainConfig.from_dict({"model": {"path": "x", "dtype": dtype}, "data": {"train": "t.jsonl"},
+                                      "output_dir": "o", "method": "lora", "optim": {"mixed_precision": mp}})
+
+    _check_precision_agrees(cfg("bfloat16", "bf16"), torch.bfloat16)
+    _check_precision_agrees(cfg("auto", "no"), torch.bfloat16)
+    with pytest.raises(FairllavaError, match=r"^optim\.mixed_precision=bf16 contradicts model\.dtype=float32"):
+        _check_precision_agrees(cfg("float32", "bf16"), torch.float32)
+    with pytest.raises(FairllavaError, match=r"model\.dtype=float16 needs optim\.mixed_precision: fp16"):
+        _check_precision_agrees(cfg("float16", "no"), torch.float16)

@@ -98,7 +98,8 @@ def run_counterfactual(encoder, processor, records: Sequence[dict], image_root: 
     loaded = {n: load_predictions(p, task) for n, p in sets.items()}
     by_id = {str(r["id"]): r for r in records}
     first = next(iter(loaded.values()))
-    common = [rid for rid in first.ids if rid in by_id and all(rid in set(d.ids) for d in loaded.values())]
+    id_sets = [set(d.ids) for d in loaded.values()]
+    common = [rid for rid in first.ids if rid in by_id and all(rid in ids for ids in id_sets)]
     if len(common) < 2:
         raise FairllavaError(f"{first.source}: fewer than 2 prediction ids are in the records (and every "
                              f"predictions file): {len(common)} of {first.n}; are they for this data file?")

@@ -141,7 +141,9 @@ def selection_summary(board: dict, plan: Plan) -> dict:
     """Per task and method with trials: the chosen trial and its settings, by the pre-declared rule."""
     out: dict = {}
     for task in plan.tasks:
-        rows = [r for r in board["rows"] if r["task"] == task and r["strength"] == float(plan.primary.strength)]
+        # selection reads the validation split only (docs/protocol.md), even when a plan also evaluates test
+        rows = [r for r in board["rows"] if r["task"] == task and r["strength"] == float(plan.primary.strength)
+                and r.get("split", "val") == "val"]
         base = next((r for r in rows if r["method"] == plan.baseline), None)
         if base is None:
             continue
@@ -154,7 +156,8 @@ def selection_summary(board: dict, plan: Plan) -> dict:
             if len(trials) < len(spec.trials):
                 out.setdefault(task, {})[entry] = {"chosen": None, "reason": "not every trial has finished"}
                 continue
-            ok = [r for r in trials if r["metrics"][m]["overall"]["value"] >= floor]
+            ok = [r for r in trials if r["metrics"][m]["overall"]["value"] is not None
+                  and r["metrics"][m]["signed_gap"]["value"] is not None and r["metrics"][m]["overall"]["value"] >= floor]
             pick = min(ok, key=lambda r: (r["metrics"][m]["signed_gap"]["value"], r["method"])) if ok else None
             out.setdefault(task, {})[entry] = {
                 "chosen": pick["method"] if pick else None,

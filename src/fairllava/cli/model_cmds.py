@@ -41,7 +41,11 @@ def generate(
 
     if images is None:
         console.print("[yellow]note:[/yellow] no --images given; records with images will fail", highlight=False)
-    m, processor = load_vlm(model, dtype=dtype, adapter=adapter, trust_remote_code=trust_remote_code)
+    from ..models.precision import resolve_dtype
+
+    # `auto` means the precision that is fast on the device the model will run on (--device, default cpu)
+    m, processor = load_vlm(model, dtype=resolve_dtype(dtype, device or "cpu", key="--dtype"), adapter=adapter,
+                            trust_remote_code=trust_remote_code)
     if device:
         try:
             m.to(device)

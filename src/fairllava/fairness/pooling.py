@@ -48,9 +48,10 @@ def pool_paired(pairs: Sequence[SeedPair], direction: Direction | str, *, n_boot
                 seed: int = 0, level: float = 0.95, ci_method: str = "bca", run: str = "fairllava") -> dict:
     """Per-seed paired signed-gap differences and their random-effects pooled mean (see module docstring)."""
     if not pairs:
-        raise ValueError("pairs: expected at least one (baseline, method) pair")
+        raise FairllavaError("pairs: expected at least one (baseline, method) pair")
     if n_boot < 2:
-        raise ValueError("pooling needs n_boot >= 2 (the sampling covariance comes from the bootstrap)")
+        raise FairllavaError(f"n_boot={n_boot}: pooling seeds needs n_boot >= 2 (the sampling covariance comes from the "
+                             "bootstrap)")
     d = as_direction(direction)
     names = [p.name or f"seed{k + 1}" for k, p in enumerate(pairs)]
     shared = _shared_samples(pairs)

@@ -58,7 +58,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device_map: str | dict | Non
     if dtype == "checkpoint":
         return "auto"
 
-    device = "cuda" if device_map not in (None, "cpu") and torch.cuda.is_available() else None
+    device = "cuda" if device_map not in (None, "cpu") and torch.cuda.is_available() else "cpu"  # where it is loaded
     return resolve_dtype(dtype, device)
 
 

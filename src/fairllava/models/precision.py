@@ -38,11 +38,11 @@ def cpu_has_bf16_matmul() -> bool:
 
     Asks torch's own CPU feature probe first (what oneDNN dispatches on); falls back to /proc/cpuinfo flags.
     """
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    probes = [p for p in probes if callable(p)]
-    if probes:
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # AMX-BF16 CPUs all have avx512_bf16 too
+    if callable(probe):
         try:
-            return any(bool(p()) for p in probes)
+            if probe():
+                return True
         except Exception:  # pragma: no cover - private API changed
             pass
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -199,10 +198,7 @@ def audit_blocks(audit: dict) -> list:
 
 
 def _write_files(r, folder: Path, title: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)  # mkdtemp makes 0700; give the final folder normal permissions
+    folder.mkdir(parents=True, exist_ok=True)  # inside an atomic_dir (which sets the usual permissions)
     (folder / "metrics.json").write_text(json.dumps(r.to_dict(), indent=2) + "\n", encoding="utf-8")
     with open(folder / "scores_per_sample.jsonl", "w", encoding="utf-8") as f:
         for row in r.per_sample:
@@ -318,9 +314,6 @@ def write_pooled_report(pooled: list[dict], out_dir, names: tuple[str, str] = ("
              "p_two_sided": p["pooled"]["p_two_sided"], "p_holm": p["pooled"].get("p_holm")} for p in pooled]
     with atomic_dir(out, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
         (tmp / "pooled.json").write_text(json.dumps({"names": list(names), "endpoints": pooled}, indent=2) + "\n",
                                          encoding="utf-8")
         (tmp / "per_seed.csv").write_text(_csv(["endpoint", "pair", "baseline_file", "method_file", "baseline", "method",

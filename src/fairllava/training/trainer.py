@@ -190,6 +190,7 @@ class FairTrainer:
             raise FairllavaError(f"{cfg.data.train}: no training samples left after the missing-label policy/limit")
 
         compute_dtype = resolve_dtype(cfg.model.dtype, accelerator.device, key="model.dtype")
+        _check_precision_agrees(cfg, compute_dtype)
         # Load in the checkpoint's own dtype, keep the projector (trained in both stages) at that precision in fp32,
         # and store every other weight in the compute dtype once, here (models/precision.py).
         model, processor = load_vlm(cfg.model.path, dtype="checkpoint", trust_remote_code=cfg.model.trust_remote_code)
@@ -550,12 +551,25 @@ class FairTrainer:
             "status": "complete", "stage": self.cfg.stage, "method": self.cfg.method, "steps": steps,
             "total_steps": total, "processes": world, "seconds_last_session": round(seconds, 3),
             "base_model": self.cfg.model.path, "versions": versions(),
+            "compute_dtype": str(self.module.compute_dtype).replace("torch.", "") if self.module is not None else None,
             "files": sorted(p.name for p in self.run_dir.iterdir() if p.is_file()),
         })
 
 
 # Keys that may change between a run and its resume without changing what is computed.
 _RESUME_FREE = {"logging", "checkpointing", "output_dir", "data.num_workers"}
+
+
+def _check_precision_agrees(cfg: TrainConfig, compute_dtype: torch.dtype) -> None:
+    """``optim.mixed_precision`` (accelerate's autocast + fp16 loss scaling) must not contradict ``model.dtype``."""
+    mp = cfg.optim.mixed_precision
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+    if want is not None and want != compute_dtype:
+        raise FairllavaError(f"optim.mixed_precision={mp} contradicts model.dtype={cfg.model.dtype} (computes in "
+                             f"{str(compute_dtype).replace('torch.', '')}); set them alike or mixed_precision: 'no'")
+    if compute_dtype == torch.float16 and mp != "fp16":
+        raise FairllavaError("model.dtype=float16 needs optim.mixed_precision: fp16 (its gradient scaler; fp16 "
+                             "gradients underflow without it); or use bfloat16")
 
 
 def _check_same_config(cfg: TrainConfig, saved: Path) -> None:
