@@ -135,7 +135,7 @@ def test_tower_weights_in_checkpoint_take_precedence(tmp_path):
     lm, state = _make_original_checkpoint(tmp_path / "ckpt", clip_dir, tower_in_ckpt=other)
     out = convert_llava_checkpoint(tmp_path / "ckpt", tmp_path / "hf", dtype="float32")
     assert json.loads((out / "fairllava_convert.json").read_text())["vision_tower_weights"] == "checkpoint"
-    model, proc = load_vlm(out)
+    model, proc = load_vlm(out, dtype="float32")  # the reference below is fp32
     b, _ = _inputs(proc)
     with torch.no_grad():
         got = model(**b).logits
