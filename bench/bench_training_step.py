@@ -58,7 +58,8 @@ def _demo_fairness() -> dict:
     return {**paper_fairness("race"), **DEMO_FAIRNESS_OVERRIDES}
 
 
-def build(base: Path, dtype: str, shared_dropout: bool, method: str = "lora", attn: str | None = None):
+def build(base: Path, dtype: str, shared_dropout: bool, method: str = "lora", attn: str | None = None,
+          fused: bool = True):
     """(model, TrainingModule, optimizer) laid out like FairTrainer._load does it."""
     import torch
 
@@ -75,7 +76,7 @@ def build(base: Path, dtype: str, shared_dropout: bool, method: str = "lora", at
     if attn:
         model.set_attn_implementation(attn)
     store_in_compute_dtype(model, cdt, keep_fp32=_active_projector(model))
-    model = apply_lora(model, LoraSettings(**LORA, shared_dropout=shared_dropout))
+    model = apply_lora(model, LoraSettings(**LORA, shared_dropout=shared_dropout, fused_forward=fused))
     prepare_for_training(model, cdt)
     model.train()
     if method == "lora":
@@ -159,18 +160,19 @@ def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None, attn_v
     vocabs = shortcut_vocabs()
     ds = VLMDataset(data / "train.jsonl", data / "images", vocabs)
     items = [ds[i] for i in range(batch_size)]
-    variants = {
-        "fp32, PEFT dropout, sdpa (before)": ("float32", False, "lora", "sdpa"),
-        "bf16, PEFT dropout, sdpa": ("auto", False, "lora", "sdpa"),
-        "bf16, shared dropout, sdpa": ("auto", True, "lora", "sdpa"),
-        "default (auto: bf16, shared, eager)": ("auto", True, "lora", "auto"),
-        "default, fairllava (demo estimator)": ("auto", True, "fairllava", "auto"),
+    variants = {  # name: (dtype, shared dropout, method, attention, fused LoRA forward)
+        "fp32, PEFT dropout, sdpa (before)": ("float32", False, "lora", "sdpa", False),
+        "bf16, PEFT dropout, sdpa": ("auto", False, "lora", "sdpa", False),
+        "bf16, shared dropout, sdpa": ("auto", True, "lora", "sdpa", False),
+        "bf16, shared dropout, eager": ("auto", True, "lora", "auto", False),
+        "default (auto: bf16, shared, eager, fused)": ("auto", True, "lora", "auto", True),
+        "default, fairllava (demo estimator)": ("auto", True, "fairllava", "auto", True),
     }
     if attn_variants:
-        variants["fp32, PEFT dropout, eager"] = ("float32", False, "lora", "eager")
+        variants["fp32, PEFT dropout, eager"] = ("float32", False, "lora", "eager", False)
     built = {}
-    for name, (dt, shared, method, attn) in variants.items():
-        mod, opt, proc, cdt = build(base, dt, shared, method, attn)
+    for name, (dt, shared, method, attn, fused) in variants.items():
+        mod, opt, proc, cdt = build(base, dt, shared, method, attn, fused)
         batch = VLMCollator(proc, vocabs, "train", task_labels=sorted({r["label"] for r in ds.records}))(items)
         built[name] = (mod, opt, batch, cdt)
     times: dict[str, list[float]] = {k: [] for k in built}
@@ -182,12 +184,12 @@ def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None, attn_v
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     before = med["fp32, PEFT dropout, sdpa (before)"]
-    default = "default (auto: bf16, shared, eager)"
+    default = "default (auto: bf16, shared, eager, fused)"
     T = built[default][2]["input_ids"].shape[1]
     print(f"threads={torch.get_num_threads()}  batch={batch_size}  T={T}  rounds={steps}  "
           f"default dtype={built[default][3]}")
     for k in built:
-        print(f"{k:38s} {med[k]:6.3f} s/step   x{before / med[k]:.2f} vs fp32")
+        print(f"{k:44s} {med[k]:6.3f} s/step   x{before / med[k]:.2f} vs fp32")
     flops = matmul_flops(*built[default][:3])
     rate = bf16_matmul_rate()
     limit = flops / rate

@@ -60,17 +60,19 @@ def test_train_config_rejects_an_unknown_dtype_naming_the_key(tmp_path):
                                "output_dir": str(tmp_path / "r")})
 
 
-def test_mixed_precision_layout_and_fp32_losses():
+@pytest.mark.parametrize("fused", [True, False])
+def test_mixed_precision_layout_and_fp32_losses(fused):
     model, _ = build_tiny_llava(seed=0)
     model.to(torch.bfloat16)  # what load_vlm(dtype=bfloat16) gives
-    pm = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.1))
+    pm = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.1, fused_forward=fused))
     precision.prepare_for_training(pm, torch.bfloat16)
     for n, p in pm.named_parameters():
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), n
     # activations stay bf16 through the LoRA layers (no per-layer upcast) and the matmuls run in bf16
     seen = []
     hook = [m.register_forward_hook(lambda m, i, o: seen.extend([(i[0].dtype, o.dtype)]))
-            for n, m in pm.named_modules() if n.endswith("q_proj.lora_A.default")]
+            for n, m in pm.named_modules()
+            if n.endswith("q_proj.lora_A.default") or (n.endswith("q_proj") and hasattr(m, "lora_A"))]
     ids = torch.tensor([[1, 5, 6, 7]])
     with precision.autocast("cpu", torch.bfloat16):
         out = pm(input_ids=ids, attention_mask=torch.ones_like(ids))
@@ -131,7 +133,8 @@ def _lora_inputs(pm, x_ids):
 @pytest.mark.parametrize("shared", [True, False])
 def test_lora_layers_reading_one_input_share_its_mask_only_when_asked(shared):
     model, _ = build_tiny_llava(seed=0)
-    pm = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.5, shared_dropout=shared))
+    # PEFT's forward: the hooks read what enters each lora_A (the fused path calls no lora_A module)
+    pm = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.5, shared_dropout=shared, fused_forward=False))
     torch.manual_seed(1)
     seen = _lora_inputs(pm, torch.tensor([[1, 5, 6, 7, 8, 9]]))
     assert set(seen) == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}

@@ -191,6 +191,7 @@ class LoraSettings:
 
     ``shared_dropout``: LoRA layers reading the same input tensor (q/k/v, gate/up) share one dropout mask,
     drawn cheaply (models/lora_dropout.py); False keeps PEFT's independent per-layer masks.
+    ``fused_forward``: the LoRA branches run as fewer, larger kernels (models/lora_fused.py); same values.
     """
 
     r: int = 64
@@ -199,6 +200,7 @@ class LoraSettings:
     target: str = "all-linear-lm"
     train_projector: bool = True
     shared_dropout: bool = True
+    fused_forward: bool = True
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -257,6 +259,10 @@ def apply_lora(model, settings: LoraSettings | None = None):
         from .lora_dropout import share_lora_dropout
 
         share_lora_dropout(peft_model)
+    if settings.fused_forward:
+        from .lora_fused import fuse_lora
+
+        fuse_lora(peft_model)  # after the dropout is shared: siblings are grouped only where their mask is one
     _check_frozen(peft_model)
     return peft_model
 

@@ -46,6 +46,22 @@ def bernoulli_keep_mask(shape: torch.Size, p: float, device: torch.device,
     return keep, drop_count / 65536
 
 
+class _KeepAndScale(torch.autograd.Function):
+    """``where(keep, x, 0) * scale`` with the same values, as one multiply and one in-place fill each way
+    (``where`` with a broadcast scalar, then a multiply, was ~10 % of a bf16 step; only the mask is saved)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(drop)
+        ctx.scale = scale
+        return x.mul(scale).masked_fill_(drop, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (drop,) = ctx.saved_tensors
+        return grad.mul(ctx.scale).masked_fill_(drop, 0), None, None
+
+
 class SharedInputDropout(nn.Module):
     """Dropout that reuses its last output when called again on the very same input tensor.
 
@@ -73,7 +89,7 @@ class SharedInputDropout(nn.Module):
         if self._last_in is not None and self._last_in() is x and self._last_out is not None:
             return self._last_out
         keep, rate = bernoulli_keep_mask(x.shape, self.p, x.device)
-        out = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)) * (1.0 / (1.0 - rate))
+        out = _KeepAndScale.apply(x, keep.logical_not_(), 1.0 / (1.0 - rate))
         self._last_in, self._last_out = weakref.ref(x), out
         return out
 

@@ -72,6 +72,7 @@ class LoraSection:
     alpha: int = 128
     dropout: float = 0.05
     shared_dropout: bool = True  # one mask per distinct input (q/k/v, gate/up share), drawn cheaply; false = PEFT's
+    fused_forward: bool = True  # models/lora_fused.py: fewer, larger kernels for the same LoRA values
 
 
 @dataclass

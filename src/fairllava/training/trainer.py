@@ -216,7 +216,8 @@ class FairTrainer:
                 p.requires_grad_(True)
         else:
             model = apply_lora(model, LoraSettings(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                                                   shared_dropout=cfg.lora.shared_dropout))
+                                                   shared_dropout=cfg.lora.shared_dropout,
+                                                   fused_forward=cfg.lora.fused_forward))
         prepare_for_training(model, compute_dtype)
         model.train()
 
