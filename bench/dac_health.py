@@ -10,7 +10,9 @@ balanced accuracy ``dac_bacc/race`` logged at the warm-up step, and whether the 
 - ``paper``: the paper's literal estimator block (``paper_fairness("race")``, from the ``mimic_cxr`` preset: one
   random token, L2-normalised, DAC at the LoRA lr). Expected: the dead-DAC warning fires.
 - ``recommended``: that block + ``fairllava.regularizer.config.RECOMMENDED_ESTIMATOR`` (standardised z, DAC lr
-  1e-2, every image token, other-sample negatives). Expected: ``dac_bacc/race`` >= 0.75, no warning.
+  1e-2, every image token, other-sample negatives, the penalty off until the check). Expected: ``dac_bacc/race``
+  >= 0.75, no warning.
+- ``recommended_no_warmup``: the same with the penalty from step 1 (recorded, no must-show).
 
 Training data only: the metric scores training batches before the heads train on them; no validation or test
 label is read. Resumable: a finished step or setting is not redone (rerun the same command). Everything goes
@@ -39,14 +41,15 @@ from fairllava.io import atomic_write_json
 from fairllava.regularizer.config import RECOMMENDED_ESTIMATOR
 from fairllava.regularizer.health import DeadDACWarning
 
-# "recommended_warmup": the same estimator with the penalty off until the health check (dac_warmup_steps = the
-# warm-up), which separates "the DAC cannot learn these states" from "the penalty already scrambled them"; added
-# after "recommended" stayed at chance here (training data only; docs/benchmark.md).
-SETTINGS = {"paper": {}, "recommended": dict(RECOMMENDED_ESTIMATOR),
-            "recommended_warmup": {**RECOMMENDED_ESTIMATOR, "dac_warmup_steps": "WARMUP"}}
+# RECOMMENDED_ESTIMATOR includes a DAC warm-up (penalty off) as long as the health check; "recommended_no_warmup"
+# (the penalty from step 1) is recorded beside it because it separates "the DAC cannot learn these states" from
+# "the penalty already scrambled them" (docs/benchmark.md); it carries no must-show.
+SETTINGS = {"paper": {}, "recommended": {**RECOMMENDED_ESTIMATOR, "dac_warmup_steps": "WARMUP"},
+            "recommended_no_warmup": {**RECOMMENDED_ESTIMATOR, "dac_warmup_steps": 0}}
 MUST_SHOW = {"paper": "the paper's literal estimator: the dead-DAC warning fires",
-             "recommended_warmup": "RECOMMENDED_ESTIMATOR, penalty off until the check: held-out bacc >= 0.75, no warning",
-             "recommended": "paper block + RECOMMENDED_ESTIMATOR: held-out DAC balanced accuracy >= 0.75, no warning"}
+             "recommended": "paper block + RECOMMENDED_ESTIMATOR (its DAC warm-up = the check's): held-out DAC "
+                            "balanced accuracy >= 0.75, no warning",
+             "recommended_no_warmup": "recorded only: the same with the penalty from step 1"}
 MIN_BACC = 0.75
 DEFAULT_WARMUP = {"smoke": 10}  # the tiny model's code check needs only >= 64 samples seen (8 steps of 8)
 PAPER_LAYER = {"mi_layer_frac": 0.5, "mi_layer_index": None, "mi_token_mode": "image"}
@@ -132,6 +135,8 @@ def verdict(r: dict) -> tuple[bool, str]:
     shown = f"held-out bacc {'n/a' if b is None else f'{b:.3f}'}, warning {'yes' if r['warned'] else 'no'}"
     if r["setting"] == "paper":
         return r["warned"], shown
+    if r["setting"] == "recommended_no_warmup":
+        return True, shown
     return b is not None and b >= MIN_BACC and not r["warned"], shown
 
 

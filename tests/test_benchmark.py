@@ -124,6 +124,29 @@ def test_sigkill_mid_sweep_then_resume_keeps_finished_runs_and_equals_an_uninter
     assert _board(out) == board_a
 
 
+def test_parallel_workers_give_the_same_runs_as_one_process(sweep, tmp_path):
+    """--jobs 2 (worker processes, one thread each) reproduces the in-process sweep's runs file for file."""
+    d = yaml.safe_load(SMOKE.read_text())
+    d["tasks"]["derm-vqa"]["seeds"]["test"] = [2]
+    d["methods"] = {k: d["methods"][k] for k in ("lora", "fairllava")}
+    plan = plan_from_dict(d, "smoke, seed 2, two methods")
+    out = tmp_path / "par"
+    res = run_sweep(plan, out, jobs=2, threads=1, progress=False, log=lambda m: None)
+    assert len(res.ran) == 6  # base, data, stage 1, 2 runs... and nothing failed
+    for method in ("lora", "fairllava"):
+        rel = Path("runs/derm-vqa/S1/seed2") / method / "test" / "generate" / "predictions.jsonl"
+        assert (out / rel).read_bytes() == (sweep[0] / rel).read_bytes(), rel
+
+
+def test_a_step_that_runs_alone_gets_the_idle_cores():
+    from fairllava.benchmark.runner import threads_for_launch
+
+    assert threads_for_launch(1, cpus=2, jobs=2, can_run=1) == 2  # stage 1: nothing else can run yet
+    assert threads_for_launch(1, cpus=2, jobs=2, can_run=5) == 1
+    assert threads_for_launch(1, cpus=16, jobs=4, can_run=2) == 8
+    assert threads_for_launch(3, cpus=2, jobs=2, can_run=1) == 3  # never below what was asked
+
+
 def _fake_predictions(out: Path) -> None:
     """Replace every run's answers by seeded draws whose accuracy depends on method and group, and re-seal the
     runs: the leaderboard must follow the files, whatever they contain."""

@@ -272,6 +272,7 @@ def run_sweep(plan: Plan, out: str | os.PathLike, *, jobs: int = 1, threads: Opt
     out = Path(out)
     if jobs < 1:
         raise FairllavaError(f"--jobs: expected >= 1, got {jobs}")
+    adaptive = threads is None and jobs > 1  # a step that runs alone gets every core (stage 1, the last runs)
     threads = threads or (torch.get_num_threads() if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs))
     if threads < 1:
         raise FairllavaError(f"--threads-per-job: expected >= 1, got {threads}")
@@ -292,7 +293,7 @@ def run_sweep(plan: Plan, out: str | os.PathLike, *, jobs: int = 1, threads: Opt
         todo.append(s)
     n_runs = sum(1 for s in steps if s.kind == "run")
     log(f"benchmark {plan.name}: {len(steps)} steps ({n_runs} runs), {len(done)} finished, {len(todo)} to do; "
-        f"{jobs} job(s) x {threads} thread(s) -> {out}")
+        f"{jobs} job(s) x {threads} thread(s){' (more while fewer steps can run)' if adaptive else ''} -> {out}")
     t0 = time.perf_counter()
     clock = _Eta(len(steps), len(done), jobs, log)
     clock.expect(todo)
@@ -302,7 +303,7 @@ def run_sweep(plan: Plan, out: str | os.PathLike, *, jobs: int = 1, threads: Opt
             execute_step(plan, out, s, threads, progress)
             clock.finished(s, time.perf_counter() - started)
     else:
-        _run_parallel(plan, out, todo, jobs, threads, clock, log)
+        _run_parallel(plan, out, todo, jobs, threads, clock, log, adaptive=adaptive)
     return SweepResult(out, [s.id for s in done], [s.id for s in todo], corrupt, time.perf_counter() - t0)
 
 
@@ -350,23 +351,28 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 
 def _run_parallel(plan: Plan, out: Path, todo: list[Step], jobs: int, threads: int, clock: _Eta,
-                  log: Callable[[str], None]) -> None:
+                  log: Callable[[str], None], adaptive: bool = False) -> None:
+    """Up to ``jobs`` worker processes of ``threads`` threads; with ``adaptive``, a step that starts while fewer
+    than ``jobs`` steps can run gets the idle cores too (threads change float rounding only, not the result's
+    meaning; each run records its thread count)."""
     pending = list(todo)
     waiting_on = {s.id for s in todo}
     running: dict[str, tuple[subprocess.Popen, Step, float, object]] = {}
     failed: list[str] = []
     (out / "logs").mkdir(exist_ok=True)
-    env = threads_env(threads)
-    env["FAIRLLAVA_PROGRESS"] = "plain"
+    cpus = os.cpu_count() or 1
     last_beat = time.monotonic()
     while pending or running:
-        for s in list(pending):
+        ready = [s for s in pending if not any(d.id in waiting_on for d in dependencies(plan, s))]
+        for s in ready:
             if len(running) >= jobs or failed:
                 break
-            if any(d.id in waiting_on for d in dependencies(plan, s)):
-                continue
+            can_run = len(running) + sum(1 for r in ready if r.id not in running)
+            n_threads = threads_for_launch(threads, cpus, jobs, can_run) if adaptive else threads
+            env = threads_env(n_threads)
+            env["FAIRLLAVA_PROGRESS"] = "plain"
             logf = open(out / "logs" / (s.id.replace("/", "__") + ".log"), "ab")
-            proc = subprocess.Popen(_worker_cmd(out, s, threads), stdout=logf, stderr=subprocess.STDOUT, env=env,
+            proc = subprocess.Popen(_worker_cmd(out, s, n_threads), stdout=logf, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
             running[s.id] = (proc, s, time.perf_counter(), logf)
             pending.remove(s)
@@ -391,6 +397,12 @@ def _run_parallel(plan: Plan, out: Path, todo: list[Step], jobs: int, threads: i
     if failed:
         raise FairllavaError(f"{len(failed)} step(s) failed: {', '.join(failed)} (logs in {out / 'logs'}); "
                              "rerun the same command to continue")
+
+
+def threads_for_launch(threads: int, cpus: int, jobs: int, can_run: int) -> int:
+    """Threads for a step launched while ``can_run`` steps (itself included) could run: the cores are shared among
+    at most ``jobs`` of them, never fewer than ``threads`` each."""
+    return max(threads, cpus // max(1, min(jobs, can_run)))
 
 
 def _beat_interval() -> float:
