@@ -253,6 +253,17 @@ def test_results_folder_of_another_plan_or_code_version_is_refused(sweep, monkey
     with pytest.raises(FairllavaError, match="made by another code version .* use a new --out or check out that commit"):
         run_sweep(load_plan(SMOKE), out, threads=1, log=lambda m: None)
     assert sorted(p for p in out.rglob("*")) == before
+    monkeypatch.undo()
+    import fairllava.benchmark.plan as plan_mod
+
+    here = plan_mod.compute_identity()
+    assert json.loads((out / "benchmark.json").read_text())["compute"] == here
+    other = {"device": here["device"], "dtype": "float32" if here["dtype"] != "float32" else "bfloat16"}
+    monkeypatch.setattr(plan_mod, "compute_identity", lambda: other)
+    with pytest.raises(FairllavaError, match=f"its runs ran on {here['device']} in {here['dtype']}; this machine"):
+        run_sweep(load_plan(SMOKE), out, threads=1, log=lambda m: None)
+    assert sorted(p for p in out.rglob("*")) == before
+    monkeypatch.undo()
     with pytest.raises(FairllavaError, match="trial_budget is 2"):
         d = _plan_dict()
         d["trial_budget"] = 2

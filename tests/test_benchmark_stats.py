@@ -62,6 +62,7 @@ def test_paired_effect_is_exact_on_identical_systems_and_calibrated_under_the_nu
 
 def test_power_follows_the_variance_model():
     from scipy.stats import norm
+    from scipy.stats import t as student
 
     from fairllava.benchmark.power import power_markdown, power_table
 
@@ -81,6 +82,16 @@ def test_power_follows_the_variance_model():
     assert res["tau2"] == 1.0 and res["sigma2"] == sigma2
     p = {(r["n_per_cell"], r["seeds"]): r["power"] for r in res["table"]}
     se = ((1.0 + sigma2 * 50 / 200) / 5) ** 0.5
-    assert p[(200, 5)] == norm.cdf(5.0 / se - norm.ppf(0.975))
+    # tau^2 > 0: the pooled test's reference is Student t with S - 1 df, and so is the power's
+    assert p[(200, 5)] == pytest.approx(student.cdf(5.0 / se - student.ppf(0.975, 4), 4), rel=1e-12)
+    assert p[(200, 5)] < norm.cdf(5.0 / se - norm.ppf(0.975))  # the normal would promise more than the test gives
     assert p[(50, 2)] < p[(50, 5)] < p[(50, 20)] and p[(50, 5)] < p[(200, 5)]
-    assert "| 200 |" in power_markdown(res)
+    assert "| 200 |" in power_markdown(res) and "Student t" in power_markdown(res)
+    # no between-seed variance: the normal reference
+    for r in board["rows"]:
+        r["metrics"]["accuracy"]["signed_gap"]["tau2"] = 0.0
+        if r["vs_baseline"]:
+            r["vs_baseline"]["metrics"]["accuracy"]["signed_gap"]["tau2"] = 0.0
+    res0 = power_table(board, "derm-vqa", seeds=(5,), n_per_cell=(200,))
+    se0 = (res0["sigma2"] * 50 / 200 / 5) ** 0.5
+    assert res0["table"][0]["power"] == pytest.approx(norm.cdf(5.0 / se0 - norm.ppf(0.975)), rel=1e-12)

@@ -302,10 +302,22 @@ def _check_metric(task: str, metric: str, where: str) -> None:
 STATE_FILE = "benchmark.json"
 
 
+def compute_identity() -> dict:
+    """Where and in which precision this machine runs the plan's steps (``model.dtype: auto`` resolved): runs of
+    one sweep must share it, since bf16 and fp32 runs are different measurements."""
+    import torch
+
+    from ..models.precision import canonical_dtype_name, resolve_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"device": device, "dtype": canonical_dtype_name(resolve_dtype("auto", device))}
+
+
 def folder_identity(plan: Plan) -> dict:
     from .manifest import code_version
 
-    return {"version": PLAN_VERSION, "plan_hash": plan.hash, "code": code_version(), "plan": plan.to_dict()}
+    return {"version": PLAN_VERSION, "plan_hash": plan.hash, "code": code_version(), "compute": compute_identity(),
+            "plan": plan.to_dict()}
 
 
 def check_results_folder(plan: Plan, out: Path) -> Optional[dict]:
@@ -331,4 +343,10 @@ def check_results_folder(plan: Plan, out: Path) -> Optional[dict]:
         raise FairllavaError(f"{out}: made by another code version (commit {str(old_code.get('commit'))[:10]}, code "
                              f"{old_code.get('code_hash')}); this checkout is commit {str(now['commit'])[:10]}, code "
                              f"{now['code_hash']}: use a new --out or check out that commit")
+    here = compute_identity()
+    if old.get("compute") not in (None, here):
+        was = old["compute"]
+        raise FairllavaError(f"{out}: its runs ran on {was.get('device')} in {was.get('dtype')}; this machine runs "
+                             f"{here['device']} in {here['dtype']}: finish the sweep on a machine of that kind or "
+                             "use a new --out")
     return old

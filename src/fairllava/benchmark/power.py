@@ -9,7 +9,10 @@ is a calculation, not a hope. Model (the random-effects estimator the leaderboar
 with τ_d² the between-seed variance and σ_d² the within-seed sampling variance of the paired difference at the
 selection's test size n0 per cell (both read from the leaderboard's paired effects; when a cell has none, twice
 the baseline's own variance, which credits no pairing). Under H1 the true d is half the baseline's pooled gap;
-power = Φ(d / SE − z_{1−α/(2m)}) with m the primary family's size (Holm's first step, i.e. conservative).
+power = F(d / SE − c) with c the 1−α/(2m) quantile of F and m the primary family's size (Holm's first step, i.e.
+conservative). F is the reference distribution the pooled test uses: the normal when τ_d² = 0, else Student t
+with S − 1 df (``fairness.pooling.random_effects``: with a diagonal sampling covariance its Satterthwaite df is
+exactly S − 1 whenever τ² > 0), so a few seeds with between-seed spread cost what they cost in the test.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ def power_table(board: dict, task: str, *, seeds: Sequence[int] = (3, 4, 5, 6, 8
                 family_size: Optional[int] = None, effect_fraction: float = 0.5) -> dict:
     """Power for each (seeds, n per cell) to detect a ``effect_fraction`` reduction of the baseline's gap."""
     from scipy.stats import norm
+    from scipy.stats import t as student
 
     plan = board["plan"]
     strength = float(plan["primary"]["strength"])
@@ -60,8 +64,12 @@ def power_table(board: dict, task: str, *, seeds: Sequence[int] = (3, 4, 5, 6, 8
     for n in n_per_cell:
         for S in seeds:
             se = math.sqrt(tau2 / S + sigma2 * (n0 / n) / S)
-            table.append({"seeds": S, "n_per_cell": n, "se": se,
-                          "power": float(norm.cdf(abs(d) / se - z)) if se > 0 else None})  # no variance: undefined
+            if tau2 > 0 and S > 1:
+                crit = float(student.ppf(1 - a / (2 * fam), S - 1))
+                power = float(student.cdf(abs(d) / se - crit, S - 1)) if se > 0 else None
+            else:
+                crit, power = z, (float(norm.cdf(abs(d) / se - z)) if se > 0 else None)  # no variance: undefined
+            table.append({"seeds": S, "n_per_cell": n, "se": se, "critical": crit, "power": power})
     return {"task": task, "metric": m, "baseline_gap": gap["value"], "effect": d, "tau2": tau2, "sigma2": sigma2,
             "n0_per_cell": n0, "variance_source": source, "alpha": a, "family_size": fam, "z": z, "table": table}
 
@@ -73,7 +81,8 @@ def power_markdown(res: dict) -> str:
     lines = [f"Power to detect a reduction of {res['task']}'s baseline signed {res['metric']} gap "
              f"({res['baseline_gap']:.1f}) by {res['effect']:.1f} points; τ² = {res['tau2']:.2f}, σ² = "
              f"{res['sigma2']:.2f} at {res['n0_per_cell']} per cell ({res['variance_source']}); two-sided α = "
-             f"{res['alpha']:g} / {res['family_size']} (Holm's first step).", "",
+             f"{res['alpha']:g} / {res['family_size']} (Holm's first step); reference "
+             f"{'Student t, S − 1 df' if res['tau2'] > 0 else 'normal'}.", "",
              "| n per cell | " + " | ".join(f"{s} seeds" for s in seeds) + " |",
              "|---|" + "---|" * len(seeds)]
     for n in ns:
