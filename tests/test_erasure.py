@@ -232,6 +232,15 @@ def test_erasure_fit_error_leaves_no_run_that_looks_complete(tmp_path):
     assert not (out / "run.json").exists() and not (out / "checkpoints").exists()
 
 
+def test_an_eraser_of_rank_zero_is_refused_naming_svd_tol(tmp_path):
+    data = make_fixture(tmp_path / "fx", n=8)
+    out = tmp_path / "run"
+    cfg = load_config(None, overrides(data, out, "method=erasure", "erasure.svd_tol=1e9"), preset_name="cpu")
+    with pytest.raises(FairllavaError, match=r"^erasure.svd_tol=1000000000.0: the fitted eraser has rank 0"):
+        FairTrainer(cfg).train()
+    assert not (out / "run.json").exists() and not (out / "checkpoints").exists()
+
+
 def test_erasure_config_validation():
     base = ["model.path=/m", "data.train=/t", "output_dir=/o", "method=erasure"]
     with pytest.raises(FairllavaError, match=r"erasure.attributes: \['race'\] is not a non-empty subset"):

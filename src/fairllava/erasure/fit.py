@@ -233,6 +233,9 @@ def fit_eraser(model: nn.Module, collator: Any, items: Sequence[Any], labels: Fi
             attach_eraser(model, previous)
     assert stats is not None
     eraser = stats.eraser()
+    if eraser.rank == 0:  # every whitened cross-covariance direction fell below svd_tol: nothing would be erased
+        raise FairllavaError(f"erasure.svd_tol={svd_tol}: the fitted eraser has rank 0 and would erase nothing; "
+                             "lower it (default 0.01)")
     meta = {"n_samples": n, "n_rows": stats.n_rows, "dim": eraser.dim, "rank": eraser.rank,
             "strata": labels.strata_names, "classes": labels.classes, "svd_tol": svd_tol,
             "constrain_cov_trace": constrain_cov_trace, "residual_xcov": stats.residual(eraser)}
