@@ -271,7 +271,9 @@ class EffnetLlavaForConditionalGeneration(EffnetLlavaPreTrainedModel, Generation
         )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
-            hidden = hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
+            # contiguous: on a CPU, bf16 F.linear on a strided [B, 1, H] slice takes a batched path that copies the
+            # tied [H, vocab] weight once per row (8 s instead of 0.04 s per generated batch of 16, measured)
+            hidden = hidden[:, -logits_to_keep:, :].contiguous() if logits_to_keep else hidden
         else:
             hidden = hidden[:, logits_to_keep, :]
         logits = self.lm_head(hidden)
