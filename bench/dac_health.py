@@ -146,7 +146,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=None, help="fairness.dac_health_warmup_steps (default 50; smoke 10)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", default=None, choices=list(SETTINGS))
-    ap.add_argument("--preset", default="default", help="demo preset (smoke = the tiny random model, a code check)")
+    ap.add_argument("--preset", default="full", help="demo preset whose base, data and stage 1 it uses (full = the benchmark sizes; smoke = the tiny random model, a code check)")
     ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
     a = ap.parse_args()
     warmup = a.warmup if a.warmup is not None else DEFAULT_WARMUP.get(a.preset, 50)

@@ -33,7 +33,7 @@ def collect(data: Path, projector: Path | None, layers: list[int], n: int, syste
     from fairllava.training.checkpoint import load_projector
     from fairllava.training.trainer import _active_projector
 
-    model, proc = load_vlm(ensure_embedded_vlm(image_size=get_preset("default").image_size), dtype="float32")
+    model, proc = load_vlm(ensure_embedded_vlm(image_size=get_preset("full").image_size), dtype="float32")
     if projector is not None:
         load_projector(_active_projector(model), projector)
     vocabs = shortcut_vocabs()
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=480, help="training samples used (the last 80 are held out)")
     a = ap.parse_args()
     layers = [int(v) for v in a.layers.split(",")]
-    x, y = collect(a.data, a.projector, layers, a.n, get_preset("default").system_prompt)
+    x, y = collect(a.data, a.projector, layers, a.n, get_preset("full").system_prompt)
     n_train = a.n - 80
     print(f"balanced accuracy of a linear DAC after 100 steps x 8 samples (chance 0.50), held-out {a.n - n_train}")
     print("| layer | pooling | lr | L2-normalised | raw | standardised |")

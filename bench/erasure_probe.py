@@ -33,7 +33,7 @@ def collect(data: Path, attribute: str, batch_size: int = 32):
     from fairllava.models.embedded import ensure_embedded_vlm
     from fairllava.models.loading import load_vlm
 
-    preset = get_preset("default")
+    preset = get_preset("full")
     model, proc = load_vlm(ensure_embedded_vlm(image_size=preset.image_size), dtype="float32")
     vocabs = shortcut_vocabs()
     ds = VLMDataset(data / "train.jsonl", data / "images", vocabs)

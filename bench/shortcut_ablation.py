@@ -60,7 +60,7 @@ FIELDS = ["variant", "overrides", "overall", "dark", "light", "gap", "gap_ci_l",
 
 def ablation_plan(seed: int = 0, strength: float | None = None):
     """The demo's plan with one method per variant (fairness overrides applied as TrainConfig settings)."""
-    p = get_preset("default")
+    p = get_preset("full")
     if strength is not None:
         p.strength = strength
     d = demo_plan_dict(p, seed)

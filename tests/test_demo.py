@@ -103,7 +103,7 @@ def test_resume_skips_finished_steps_and_refuses_other_settings(smoke_runs):
 
 
 def test_bad_preset_and_unwritable_folder(tmp_path):
-    with pytest.raises(FairllavaError, match="does not exist; choose one of: default, smoke"):
+    with pytest.raises(FairllavaError, match="does not exist; choose one of: default, full, smoke"):
         get_preset("nope")
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -76,7 +76,7 @@ def _register_demo() -> None:
     @app.command("demo")
     def demo_cmd(
         out: Path = typer.Option(Path("demo_out"), "--out", help="Run folder (resumable: finished steps are skipped)."),
-        preset: str = typer.Option("default", "--preset", help="default (real offline parts, ~15 min) | smoke (tiny, ~1 min)"),
+        preset: str = typer.Option("default", "--preset", help="default (real offline parts, sized for ~6 min) | full (the benchmark sizes, ~13 min) | smoke (tiny, ~1 min)"),
         seed: int = typer.Option(0, "--seed"),
         update_readme: Path = typer.Option(None, "--update-readme",
                                            help="Write the results table into this README between the demo-results markers."),
