@@ -202,3 +202,20 @@ def test_merge_adapter_writes_a_plain_model_with_the_same_outputs(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no temp leftovers
     with pytest.raises(FairllavaError, match="already exists"):
         merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+
+
+def test_the_lm_head_gets_a_contiguous_input_with_the_same_logits():
+    import torch
+
+    from fairllava.models.loading import contiguous_head_input
+
+    model, _ = build_tiny_llava(seed=0)
+    head = model.get_output_embeddings()
+    seen = []
+    head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    h = torch.randn(2, 5, head.in_features)
+    before = head(h[:, -1:, :])
+    assert contiguous_head_input(model) and contiguous_head_input(model)  # idempotent
+    assert len(head._forward_pre_hooks) == 1
+    after = head(h[:, -1:, :])
+    assert seen == [False, True] and torch.equal(before, after)

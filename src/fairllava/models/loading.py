@@ -102,6 +102,7 @@ def load_vlm(
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FairllavaError(f"{src}: cannot load a vision-language model and processor ({msg})") from None
+    contiguous_head_input(model)
     if adapter is not None:
         from .precision import prepare_for_inference
 
@@ -114,6 +115,30 @@ def load_vlm(
         attach_saved_eraser(model, local)  # a merged `erasure` run carries its eraser in the model folder
     model.eval()
     return model, processor
+
+
+def _contiguous_first_arg(module, args):
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(),) + tuple(args[1:])
+    return None
+
+
+def contiguous_head_input(model) -> bool:
+    """Make the LM head's input contiguous (a forward pre-hook); returns whether a head was found.
+
+    Why: causal LMs compute the logits of the last position as ``lm_head(hidden[:, -1:, :])``, a strided slice, and
+    on a CPU a bf16 ``F.linear`` on it takes a batched path that copies the whole ``[hidden, vocab]`` weight once
+    per batch row (measured: 8.2 s instead of 0.04 s for 16 rows and a 49k vocabulary). The copy of the slice
+    costs one row of activations; values are unchanged.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        return False
+    if not getattr(head, "_fairllava_contiguous_input", False):
+        head.register_forward_pre_hook(_contiguous_first_arg)
+        head._fairllava_contiguous_input = True
+    return True
 
 
 def load_adapter(model, adapter_dir: str | os.PathLike, is_trainable: bool = False):
