@@ -3,7 +3,13 @@
 With S = 1 the baseline's signed gap pooled over the selection seeds (validation split) must exclude 0; with
 S = 0 it must include 0. Only the baseline's rows are read, so the knobs cannot favour any method.
 
-    python bench/knob_criteria.py runs/knobs/leaderboard.json [--markdown FILE]    # exit 1 when a criterion fails
+With ``--runs DIR`` (the knobs results folder) it also tabulates how often the baseline gives the shortcut's
+answer (derm: "melanoma"; cxr: a report with any pathology), per group and true label, read from the baseline's
+own predictions. Why: a gap criterion that fails because the baseline never gives that answer at all (it has
+not learned the task) calls for more training, not a stronger shortcut, and a gap alone cannot tell the two apart.
+
+    python bench/knob_criteria.py runs/knobs/leaderboard.json [--runs runs/knobs] [--markdown FILE]
+    # exit 1 when a criterion fails
 """
 from __future__ import annotations
 
@@ -31,6 +37,46 @@ def criteria(board: dict) -> list[dict]:
     return out
 
 
+def answer_rates(out: Path, board: dict) -> list[dict]:
+    """Per baseline row: percent of samples answered with the shortcut label, per (group, has that label), pooled
+    over the row's seeds (plain shares; a descriptive check, not an endpoint)."""
+    from fairllava.benchmark.runner import Step, data_dir
+    from fairllava.benchmark.stats import predicted_labels, shortcut_target
+    from fairllava.io import read_jsonl
+
+    res = []
+    for r in sorted((r for r in board["rows"] if r["method"] == board["baseline"]),
+                    key=lambda r: (r["task"], -r["strength"])):
+        counts: dict = {}
+        target = None
+        for seed in r["seeds"]:
+            card = json.loads((data_dir(out, r["task"], seed, r["strength"]) / "datacard.json").read_text())
+            target = shortcut_target(card, r["task"])
+            attr = card["shortcut"]["attribute"]
+            run = Step("run", r["task"], seed, r["strength"], r["method"], r["split"]).folder(out)
+            rows = read_jsonl(run / "generate" / "predictions.jsonl")
+            pred = predicted_labels([x["prediction"] for x in rows], card, r["task"])
+            for x, p in zip(rows, pred):
+                key = (x["attributes"][attr], x["label"] == target)
+                n, k = counts.get(key, (0, 0))
+                counts[key] = (n + 1, k + (p == target))
+        res.append({"task": r["task"], "strength": r["strength"], "label": target,
+                    "rates": {f"{g} {'with' if has else 'without'}": 100.0 * k / n
+                              for (g, has), (n, k) in sorted(counts.items())}})
+    return res
+
+
+def rates_markdown(rates: list[dict]) -> str:
+    lines = ["", "How often the baseline answers with the shortcut's label (percent of samples, seeds pooled; "
+             "'with' = the true label is the shortcut's, so that column is its sensitivity and 'without' its "
+             "false-positive rate):", "", "| task | S | label | " + " | ".join(rates[0]["rates"]) + " |",
+             "|---|---|---|" + "---|" * len(rates[0]["rates"])]
+    for r in rates:
+        lines.append(f"| {r['task']} | {r['strength']:g} | {r['label']} | "
+                     + " | ".join(f"{v:.1f}" for v in r["rates"].values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(res: list[dict], board: dict) -> str:
     lines = [f"Knob criteria ({board['plan_name']}, baseline `{board['baseline']}`, partial: {board['partial']}):", "",
              "| task | S | split | seeds | signed gap (primary metric) | 95 % CI | per seed | criterion | result |",
@@ -46,11 +92,14 @@ def markdown(res: list[dict], board: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("leaderboard", type=Path)
+    ap.add_argument("--runs", type=Path, default=None, help="the results folder, for the answer-rate table")
     ap.add_argument("--markdown", type=Path, default=None)
     a = ap.parse_args()
     board = json.loads(a.leaderboard.read_text(encoding="utf-8"))
     res = criteria(board)
     md = markdown(res, board)
+    if a.runs:
+        md += rates_markdown(answer_rates(a.runs, board))
     print(md)
     if a.markdown:
         from fairllava.io import atomic_write_text

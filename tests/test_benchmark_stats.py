@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from fairllava.benchmark.stats import SeedData, paired_effect, pooled
+from fairllava.errors import FairllavaError
 from fairllava.metrics.base import mean_metric
 
 N = 150  # per group, as on the benchmark's test split
@@ -95,3 +96,25 @@ def test_power_follows_the_variance_model():
     res0 = power_table(board, "derm-vqa", seeds=(5,), n_per_cell=(200,))
     se0 = (res0["sigma2"] * 50 / 200 / 5) ** 0.5
     assert res0["table"][0]["power"] == pytest.approx(norm.cdf(5.0 / se0 - norm.ppf(0.975)), rel=1e-12)
+
+
+def test_shortcut_target_is_the_tasks_label_also_at_s0():
+    """At S = 0 the training probabilities are balanced; the signature must still measure the shortcut's label
+    (a balanced card once made the cxr S = 0 column read "normal FPR")."""
+    from fairllava.benchmark.stats import shortcut_target
+
+    def card(minority, majority):
+        return {"shortcut": {"train_minority_label_probs": minority, "train_majority_label_probs": majority}}
+
+    balanced_cxr = card({"normal": 0.51, "abnormal": 0.49}, {"normal": 0.51, "abnormal": 0.49})
+    assert shortcut_target(balanced_cxr, "cxr-report") == "abnormal"
+    balanced_derm = card({"NV": 1 / 3, "MEL": 1 / 3, "VASC": 1 / 3}, {"NV": 1 / 3, "MEL": 1 / 3, "VASC": 1 / 3})
+    assert shortcut_target(balanced_derm, "derm-vqa") == "MEL"
+    s1_cxr = card({"normal": 0.15, "abnormal": 0.85}, {"normal": 0.51, "abnormal": 0.49})
+    assert shortcut_target(s1_cxr, "cxr-report") == "abnormal"
+    # another task: the label the minority is most enriched for relative to the majority (not the most frequent)
+    other = card({"a": 0.6, "b": 0.4}, {"a": 0.8, "b": 0.2})
+    assert shortcut_target(other, "my-task") == "b"
+    # a renderer that enriches another label than the task's declared one is an error, not a silent mislabel
+    with pytest.raises(FairllavaError, match="enriched for 'normal'.*shortcut label is 'abnormal'"):
+        shortcut_target(card({"normal": 0.85, "abnormal": 0.15}, {"normal": 0.5, "abnormal": 0.5}), "cxr-report")

@@ -34,3 +34,31 @@ def test_s1_must_exclude_zero_and_s0_include_it_reading_only_the_baseline():
 def test_a_missing_ci_fails(tmp_path):
     res = knob_criteria.criteria(_board([_row("lora", 1.0, None)]))
     assert res[0]["pass"] is False and res[0]["criterion"].startswith("a CI")
+
+
+def test_answer_rates_read_the_baselines_predictions_per_group_and_label(tmp_path):
+    """The table that tells "the baseline never gives the shortcut's answer" from "it gives it to everyone"."""
+    import json
+
+    card = {"labels": ["MEL", "NV", "VASC"],
+            "shortcut": {"attribute": "race", "train_minority_label_probs": {"MEL": 0.85, "NV": 0.075, "VASC": 0.075},
+                         "train_majority_label_probs": {"MEL": 1 / 3, "NV": 1 / 3, "VASC": 1 / 3}}}
+    preds = {0: [("dark", "NV", "melanoma."), ("dark", "MEL", "melanoma."), ("light", "NV", "nevus."),
+                 ("light", "MEL", "nevus.")],
+             1: [("dark", "VASC", "nevus."), ("dark", "MEL", "melanoma."), ("light", "NV", "melanoma."),
+                 ("light", "MEL", "melanoma.")]}
+    for seed, rows in preds.items():
+        d = tmp_path / "data" / "derm-vqa" / f"seed{seed}" / "S1" / "shortcut"
+        d.mkdir(parents=True)
+        (d / "datacard.json").write_text(json.dumps(card))
+        g = tmp_path / "runs" / "derm-vqa" / "S1" / f"seed{seed}" / "lora" / "val" / "generate"
+        g.mkdir(parents=True)
+        (g / "predictions.jsonl").write_text("".join(
+            json.dumps({"id": f"{seed}-{i}", "prediction": p, "label": y, "attributes": {"race": a}}) + "\n"
+            for i, (a, y, p) in enumerate(rows)))
+    board = _board([_row("lora", 1.0, [3.0, 20.0]), _row("fairllava", 1.0, [3.0, 20.0])])
+    (r,) = knob_criteria.answer_rates(tmp_path, board)  # the other method's row is not read
+    assert r["label"] == "MEL"
+    assert r["rates"] == {"dark with": 100.0, "dark without": 50.0, "light with": 50.0, "light without": 50.0}
+    assert "| dark without | dark with | light without | light with |" in knob_criteria.rates_markdown([r])
+    assert "| derm-vqa | 1 | MEL | 50.0 | 100.0 | 50.0 | 50.0 |" in knob_criteria.rates_markdown([r])

@@ -96,7 +96,7 @@ def build_leaderboard(out: str | Path, log: Callable[[str], None] = print) -> di
                    "entry": plan.method_variants()[variant][0], "seeds": [s.seed for s in steps],
                    "primary_metric": plan.primary_metric(task), "direction": {"advantaged": direction[0],
                                                                              "disadvantaged": direction[1]},
-                   "signature_label": shortcut_target(card), "metrics": {}, "vs_baseline": None, "leakage": None}
+                   "signature_label": shortcut_target(card, task), "metrics": {}, "vs_baseline": None, "leakage": None}
             seeds = [seed_data(s)[0] for s in steps]
             for m in metrics_for(plan, task):
                 kw = dict(n_boot=ev.n_boot, seed=0, level=ev.level, key=key)

@@ -37,10 +37,26 @@ def _rng(seed: int, *key) -> np.random.Generator:
 # ---------------------------------------------------------------------------------------------- per-seed data
 
 
-def shortcut_target(card: dict) -> str:
-    """The label the minority is enriched for in training (the shortcut's answer)."""
-    probs = card["shortcut"]["train_minority_label_probs"]
-    return max(probs, key=probs.get)
+# The answer each task's shortcut gives the minority (benchmark/derm.py, benchmark/cxr.py). Fixed per task, so the
+# S = 0 control measures the same label's false-positive rate as S = 1: at S = 0 the training probabilities are
+# balanced and carry no hint of which label that is.
+SHORTCUT_LABEL = {"derm-vqa": "MEL", "cxr-report": "abnormal"}
+
+
+def shortcut_target(card: dict, task: Optional[str] = None) -> str:
+    """The label the shortcut favours for the minority: the task's own (checked against the datacard when the
+    datacard shows an enrichment); for another task, the label the minority is most enriched for in training."""
+    sc = card["shortcut"]
+    minority, majority = sc["train_minority_label_probs"], sc.get("train_majority_label_probs") or {}
+    excess = {k: v - majority.get(k, 0.0 if majority else 1.0 / len(minority)) for k, v in minority.items()}
+    enriched = max(excess, key=excess.get)
+    if task not in SHORTCUT_LABEL:
+        return enriched
+    target = SHORTCUT_LABEL[task]
+    if excess[enriched] > 1e-6 and enriched != target:
+        raise FairllavaError(f"{task} datacard: the minority is enriched for {enriched!r} in training, but the task's "
+                             f"shortcut label is {target!r}; the renderer and SHORTCUT_LABEL disagree")
+    return target
 
 
 def predicted_labels(predictions: Sequence[str], card: dict, task: str) -> list[str]:
@@ -63,7 +79,7 @@ def shortcut_signature(preds_path: str | Path, card: dict, task: str = "derm-vqa
     in this false-positive rate, which the accuracy gap dilutes. Without a shortcut the groups' rates agree.
     """
     sc = card["shortcut"]
-    target = shortcut_target(card)
+    target = shortcut_target(card, task)
     rows = read_jsonl(preds_path)
     pred = predicted_labels([r["prediction"] for r in rows], card, task)
     out = {"label": target, "attribute": sc["attribute"], "groups": {}}
@@ -120,7 +136,7 @@ def load_seed(preds_path: str | Path, records_path: str | Path, card: dict, task
     from ..fairness import rate_metric
 
     out[SIGNATURE] = rate_metric(predicted_labels([r["prediction"] for r in rows], card, task), labels,
-                                 shortcut_target(card))
+                                 shortcut_target(card, task))
     seen: dict = {}
     clusters = np.array([seen.setdefault(groups[str(r["id"])], len(seen)) for r in rows], dtype=np.int64)
     values = [(r.get("attributes") or {}).get(attribute) for r in rows]
