@@ -224,6 +224,7 @@ def _plan_dict() -> dict:
     (lambda d: d["methods"]["reweight"].update(settings={"reweight": {"moed": "product"}}), "reweight.moed: unknown key"),
     (lambda d: d.update(splits=["train"]), "splits: expected a non-empty list"),
     (lambda d: d.update(baseline="erm"), "baseline: 'erm' must name a method"),
+    (lambda d: d["tasks"]["derm-vqa"].update(stage2={"optim": {"max_stpes": 3}}), "max_stpes: unknown key"),
 ])
 def test_bad_plan_is_a_one_line_error_before_any_run(tmp_path, edit, message):
     from typer.testing import CliRunner
@@ -269,3 +270,20 @@ def test_results_folder_of_another_plan_or_code_version_is_refused(sweep, monkey
         d["trial_budget"] = 2
         d["methods"]["fairllava"]["trials"] = [{}, {"fairness": {"fairness_lambda": 0.5}}]
         plan_from_dict(d, "selection.yaml")
+
+
+def test_a_tasks_stage2_overrides_reach_its_stage2_runs_only():
+    """A task whose baseline needs a longer training (protocol section 2) changes neither its shared stage-1
+    projector nor another task's runs; a method's settings and trials still win over it."""
+    from fairllava.benchmark.configs import stage1_config, stage2_config
+
+    d = _plan_dict()
+    d["tasks"]["cxr-report"] = {**d["tasks"]["derm-vqa"], "generation": {"max_new_tokens": 4}}
+    d["tasks"]["cxr-report"]["stage2"] = {"optim": {"max_steps": 7}}
+    d["methods"]["reweight"]["settings"] = {"optim": {"max_steps": 5}}
+    plan = plan_from_dict(d, "p.yaml")
+    steps = {(t, v): stage2_config(plan, t, 2, v, "B", "D", "R", "P")["optim"]["max_steps"]
+             for t in ("derm-vqa", "cxr-report") for v in ("lora", "reweight")}
+    assert steps == {("derm-vqa", "lora"): 3, ("derm-vqa", "reweight"): 5, ("cxr-report", "lora"): 7,
+                     ("cxr-report", "reweight"): 5}
+    assert {stage1_config(plan, t, 2, "B", "D", "R")["optim"]["max_steps"] for t in plan.tasks} == {2}

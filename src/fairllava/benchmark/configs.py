@@ -3,7 +3,8 @@
 Why here: every run's training config is a pure function of the plan (plus paths), so the plan can be
 checked by building all of them before anything trains, and a run's config can be read back and compared.
 Order of precedence (later wins): fixed benchmark defaults < ``training.stage1|stage2`` < the task's
-``training`` < the fairness preset block (fairllava) < the method's ``settings`` < the trial.
+``training`` < the task's ``stage2`` (stage 2 only) < the fairness preset block (fairllava) < the method's
+``settings`` < the trial.
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def _common(plan, task: str, seed: int, stage: int, base: str, data: str, run_di
     }
     cfg = _deep_merge(cfg, plan.training.stage1 if stage == 1 else plan.training.stage2)
     cfg = _deep_merge(cfg, plan.tasks[task].training)
+    if stage == 2:
+        cfg = _deep_merge(cfg, plan.tasks[task].stage2)
     cfg["optim"]["seed"] = int(seed)
     return cfg
 

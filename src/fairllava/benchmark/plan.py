@@ -69,6 +69,9 @@ class TaskSpec:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     primary_metric: Optional[str] = None  # None = DEFAULT_PRIMARY_METRIC[task]
     training: dict = field(default_factory=dict)  # TrainConfig overrides for this task (both stages), e.g. steps
+    # TrainConfig overrides for this task's stage 2 only: e.g. a task whose baseline needs a longer training to
+    # learn the task at all (docs/protocol.md section 2), without changing its shared stage-1 projector.
+    stage2: dict = field(default_factory=dict)
 
 
 @dataclass
