@@ -54,6 +54,9 @@ gpu-check-tiny:
 # (leaderboard.{md,csv,html,json} + plots) into $(BENCHMARK_OUT). Finished runs are never redone.
 BENCHMARK_PLAN ?= configs/benchmark/final.yaml
 BENCHMARK_OUT  ?= runs/benchmark-final
+# The selection folders whose choices the final plan must hold (checked before anything runs).
+SELECTIONS     ?= runs/selection runs/selection-cxr
 BENCHMARK_ARGS ?= --jobs 2 --threads-per-job 1
 benchmark: $(STAMP)
+	$(VENV)/bin/fairllava benchmark check $(BENCHMARK_PLAN) $(foreach s,$(SELECTIONS),--against $(s))
 	$(VENV)/bin/fairllava benchmark run $(BENCHMARK_PLAN) --out $(BENCHMARK_OUT) $(BENCHMARK_ARGS)

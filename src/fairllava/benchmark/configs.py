@@ -4,7 +4,7 @@ Why here: every run's training config is a pure function of the plan (plus paths
 checked by building all of them before anything trains, and a run's config can be read back and compared.
 Order of precedence (later wins): fixed benchmark defaults < ``training.stage1|stage2`` < the task's
 ``training`` < the task's ``stage2`` (stage 2 only) < the fairness preset block (fairllava) < the method's
-``settings`` < the trial.
+``settings`` < the trial, or the method's ``task_settings`` for this task (final plans; never both).
 """
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ def stage2_config(plan, task: str, seed: int, variant: str, base: str, data: str
     if spec.method == "fairllava":
         cfg["fairness"] = paper_fairness(plan.attribute, spec.fairness_preset or PAPER_FAIRNESS_PRESET, seed)
     cfg = _deep_merge(cfg, settings)
+    cfg = _deep_merge(cfg, spec.task_settings.get(task, {}))
     if spec.method == "fairllava":
         cfg["fairness"]["seed"] = int(seed)
     return cfg

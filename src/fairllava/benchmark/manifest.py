@@ -19,7 +19,7 @@ from ..io import atomic_write_json
 DONE = "DONE.json"
 #: Package parts that only format or display results: changing them does not invalidate finished runs.
 NOT_RESULT_CODE = ("cli", "report", "benchmark/leaderboard.py", "benchmark/report.py", "benchmark/stats.py",
-                   "benchmark/power.py",
+                   "benchmark/power.py", "benchmark/freeze.py",
                    "benchmark/verdict.py", "progress.py", "demo.py")
 
 _CODE: Optional[dict] = None

@@ -96,6 +96,9 @@ class MethodSpec:
     fairness_preset: Optional[str] = None
     # Selection plans: alternatives, each deep-merged over ``settings``; every method gets ``trial_budget`` of them.
     trials: list = field(default_factory=list)
+    # Final plans: per task, overrides deep-merged over ``settings`` (the selection chooses per task; `fairllava
+    # benchmark check FINAL --against SELECTION_DIR` verifies they are the chosen ones). Not with ``trials``.
+    task_settings: dict = field(default_factory=dict)
     description: Optional[str] = None
 
 
@@ -252,6 +255,15 @@ def validate_plan(plan: Plan) -> None:
             raise FairllavaError(f"{src}: methods.{name}.fairness_preset: only for method fairllava")
         if any(not isinstance(t, dict) for t in m.trials):
             raise FairllavaError(f"{src}: methods.{name}.trials: expected a list of settings mappings")
+        if not isinstance(m.task_settings, dict) or any(not isinstance(v, dict) for v in m.task_settings.values()):
+            raise FairllavaError(f"{src}: methods.{name}.task_settings: expected a mapping task -> settings mapping")
+        stray = [t for t in m.task_settings if t not in plan.tasks]
+        if stray:
+            raise FairllavaError(f"{src}: methods.{name}.task_settings.{stray[0]}: not a task of this plan "
+                                 f"(tasks: {', '.join(plan.tasks)})")
+        if m.task_settings and m.trials:
+            raise FairllavaError(f"{src}: methods.{name}: task_settings and trials together (trials are for "
+                                 "selection plans, task_settings for the final plan)")
     if plan.baseline not in plan.methods or plan.methods[plan.baseline].trials:
         raise FairllavaError(f"{src}: baseline: {plan.baseline!r} must name a method without trials "
                              f"(methods: {', '.join(plan.methods)})")

@@ -17,16 +17,33 @@ def _log(msg: str) -> None:
 
 
 @benchmark_app.command("check")
-def check_cmd(plan: Path = typer.Argument(..., help="Plan YAML (configs/benchmark/*.yaml).")) -> None:
+def check_cmd(
+    plan: Path = typer.Argument(..., help="Plan YAML (configs/benchmark/*.yaml)."),
+    against: list[Path] = typer.Option([], "--against", help="Finished selection results folder(s): also check that "
+                                       "the plan holds exactly the settings they chose (repeat per folder)."),
+) -> None:
     """Validate a plan and list its steps without running anything."""
     from ..benchmark.plan import load_plan
     from ..benchmark.runner import plan_steps
+    from ..errors import FairllavaError
 
     p = load_plan(plan)
     steps = plan_steps(p)
     runs = [s for s in steps if s.kind == "run"]
     typer.echo(f"{plan}: ok (hash {p.hash}); {len(steps)} steps, {len(runs)} runs: "
                f"{len(p.tasks)} task(s) x methods {', '.join(p.method_variants())} x splits {', '.join(p.splits)}")
+    if against:
+        from ..benchmark.freeze import check_frozen, frozen_markdown
+
+        rows = check_frozen(p, against)
+        typer.echo(frozen_markdown(rows))
+        bad = [r for r in rows if not r["ok"]]
+        if bad:
+            b = bad[0]
+            raise FairllavaError(f"{plan}: {len(bad)} setting(s) differ from the selection in "
+                                 f"{', '.join(map(str, against))}; first: {b['task']} {b['method']} {b['setting']} = "
+                                 f"{b['final']!r}, selected {b['selected']!r} ({b['what']})")
+        typer.echo(f"{plan}: holds the settings chosen in {', '.join(map(str, against))}")
 
 
 @benchmark_app.command("run")

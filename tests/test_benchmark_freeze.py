@@ -1,0 +1,141 @@
+"""The final plan must hold the selection's choices unchanged (fairllava.benchmark.freeze)."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fairllava.benchmark.freeze import check_frozen, frozen_check, frozen_markdown
+from fairllava.benchmark.plan import load_plan, plan_from_dict
+from fairllava.errors import FairllavaError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "benchmark"
+
+
+def _selection():
+    return load_plan(CONFIGS / "selection.yaml")
+
+
+def _board(sel, chosen: dict) -> dict:
+    """A selection leaderboard's `selection` section choosing trial ``chosen[entry]`` for derm-vqa."""
+    v = sel.method_variants()
+    return {"selection": {"derm-vqa": {e: {"chosen": f"{e}-t{k}", "settings": v[f"{e}-t{k}"][1]}
+                                       for e, k in chosen.items()}}}
+
+
+CHOSEN = {"lora-tuned": 1, "fairllava-selected": 2, "reweight": 0, "resample": 1, "adversarial": 2, "erasure": 0}
+
+
+def _final(sel) -> dict:
+    """A final plan (derm-vqa) that holds CHOSEN, written by hand the way a user would."""
+    d = yaml.safe_load((CONFIGS / "final.yaml").read_text())
+    del d["tasks"]["cxr-report"]
+    v = sel.method_variants()
+    for e, k in CHOSEN.items():
+        if e != "lora-tuned":
+            d["methods"][e].pop("settings", None)
+            d["methods"][e]["task_settings"] = {"derm-vqa": copy.deepcopy(sel.methods[e].trials[k])}
+    assert v["lora-tuned-t1"][1] == {"optim": {"lr": 2.0e-4}}  # the shared lr: nothing to carry over
+    return d
+
+
+def test_a_final_plan_holding_the_choices_passes_and_every_chosen_setting_is_checked():
+    sel = _selection()
+    rows = frozen_check(plan_from_dict(_final(sel), "final.yaml"), [(sel, _board(sel, CHOSEN))])
+    assert rows and all(r["ok"] for r in rows), frozen_markdown([r for r in rows if not r["ok"]])
+    checked = {(r["method"], r["setting"]) for r in rows if r["what"] == "chosen setting"}
+    assert ("fairllava-selected", "fairness.penalty_grad_ratio") in checked
+    assert ("adversarial", "adversarial.fairness_lambda") in checked and ("lora", "optim.lr") in checked
+
+
+@pytest.mark.parametrize("edit, method, setting, what", [
+    (lambda d: d["methods"]["fairllava-selected"]["task_settings"]["derm-vqa"]["fairness"].update(dac_lr=0.1),
+     "fairllava-selected", "fairness.dac_lr", "chosen setting"),
+    (lambda d: d["methods"]["adversarial"].pop("task_settings"), "adversarial", "adversarial.fairness_lambda",
+     "chosen setting"),
+    (lambda d: d["methods"]["fairllava-selected"].update(fairness_preset="padchest"), "fairllava-selected",
+     "fairness_preset", "chosen setting"),
+    (lambda d: d["training"]["stage2"]["optim"].update(max_steps=150), "lora", "optim.max_steps",
+     "shared setting drifted"),
+    (lambda d: d["training"]["stage2"]["lora"].update(r=8), "lora", "lora.r", "shared setting drifted"),
+])
+def test_a_changed_or_missing_choice_is_a_mismatch(edit, method, setting, what):
+    sel = _selection()
+    d = _final(sel)
+    edit(d)
+    bad = [r for r in frozen_check(plan_from_dict(d, "final.yaml"), [(sel, _board(sel, CHOSEN))]) if not r["ok"]]
+    assert (method, setting, what) in {(r["method"], r["setting"], r["what"]) for r in bad}, bad
+
+
+def test_a_tuned_baseline_lr_becomes_every_methods_shared_lr_unless_the_method_chose_its_own():
+    sel = _selection()
+    chosen = {**CHOSEN, "lora-tuned": 0}  # lr 1e-4 instead of the shared 2e-4
+    d = _final(sel)
+    bad = [r for r in frozen_check(plan_from_dict(d, "final.yaml"), [(sel, _board(sel, chosen))]) if not r["ok"]]
+    wrong = {r["method"] for r in bad}
+    # reweight and resample chose their own lr; every other method must move to the baseline's
+    assert wrong == {"lora", "fairllava-paper", "fairllava-selected", "adversarial", "erasure"}, bad
+    d["training"]["stage2"]["optim"]["lr"] = 1.0e-4
+    rows = frozen_check(plan_from_dict(d, "final.yaml"), [(sel, _board(sel, chosen))])
+    assert all(r["ok"] for r in rows), frozen_markdown([r for r in rows if not r["ok"]])
+
+
+def test_no_choice_or_a_missing_method_or_task_fails():
+    sel = _selection()
+    board = _board(sel, CHOSEN)
+    board["selection"]["derm-vqa"]["erasure"] = {"chosen": None, "reason": "not every trial has finished"}
+    d = _final(sel)
+    del d["methods"]["resample"]
+    bad = {(r["method"], r["what"]) for r in frozen_check(plan_from_dict(d, "final.yaml"), [(sel, board)])
+           if not r["ok"]}
+    assert bad == {("erasure", "not every trial has finished"), ("resample", "method missing from the final plan")}
+    board = {"selection": {"cxr-report": board["selection"]["derm-vqa"]}}
+    rows = frozen_check(plan_from_dict(_final(sel), "final.yaml"), [(sel, board)])
+    assert [r["what"] for r in rows] == ["task of the selection missing from the final plan"]
+
+
+def test_check_reads_a_results_folder_and_refuses_a_partial_selection_or_other_seeds(tmp_path):
+    from typer.testing import CliRunner
+
+    from fairllava.cli import app
+
+    sel = _selection()
+    folder = tmp_path / "selection"
+    folder.mkdir()
+    (folder / "benchmark.json").write_text(json.dumps({"plan": sel.to_dict()}))
+    board = {**_board(sel, CHOSEN), "partial": False, "runs": {"finished": 38, "total": 38}}
+    (folder / "leaderboard.json").write_text(json.dumps(board))
+    final = tmp_path / "final.yaml"
+    final.write_text(yaml.safe_dump(_final(sel)))
+    res = CliRunner().invoke(app, ["benchmark", "check", str(final), "--against", str(folder)])
+    assert res.exit_code == 0 and "holds the settings chosen in" in res.output, res.output
+    d = _final(sel)
+    d["methods"]["erasure"]["task_settings"]["derm-vqa"]["erasure"]["mode"] = "global"
+    final.write_text(yaml.safe_dump(d))
+    res = CliRunner().invoke(app, ["benchmark", "check", str(final), "--against", str(folder)])
+    assert isinstance(res.exception, FairllavaError) and "\n" not in str(res.exception)
+    assert "derm-vqa erasure erasure.mode = 'global', selected 'conditional'" in str(res.exception)
+    final.write_text(yaml.safe_dump(_final(sel)))
+    d = _final(sel)
+    d["tasks"]["derm-vqa"]["seeds"] = {"selection": [0, 7], "test": [2, 3, 4, 5, 6]}
+    with pytest.raises(FairllavaError, match=r"selected on seeds \[0, 1\] of derm-vqa, but the final plan declares"):
+        check_frozen(plan_from_dict(d, "final.yaml"), [folder])
+    (folder / "leaderboard.json").write_text(json.dumps({**board, "partial": True,
+                                                         "runs": {"finished": 30, "total": 38}}))
+    with pytest.raises(FairllavaError, match="partial \\(30 of 38 runs\\)"):
+        check_frozen(plan_from_dict(_final(sel), "final.yaml"), [folder])
+
+
+def test_task_settings_are_per_task_and_never_with_trials():
+    sel = _selection()
+    d = _final(sel)
+    d["methods"]["erasure"]["task_settings"]["mri"] = {}
+    with pytest.raises(FairllavaError, match="methods.erasure.task_settings.mri: not a task of this plan"):
+        plan_from_dict(d, "final.yaml")
+    d = _final(sel)
+    d["methods"]["erasure"]["trials"] = [{}]
+    with pytest.raises(FairllavaError, match="methods.erasure: task_settings and trials together"):
+        plan_from_dict(d, "final.yaml")
