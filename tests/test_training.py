@@ -278,3 +278,38 @@ def test_system_prompt_reaches_the_training_prompts(data, tmp_path):
     again = first_loss("again", "data.system_prompt=Be brief.")
     assert custom == again
     assert custom != default
+
+
+def test_data_workers_give_the_same_batches_and_weights_as_in_process(data, tmp_path):
+    """data.num_workers reads and collates in worker processes; batches, order and results are the same
+    (one process computes both sides, so bit-exact). The adversary's pre-training re-reads batches 0..1 before
+    the main loop starts again at 0, and 4 steps of 3 batches cross an epoch."""
+    runs = {}
+    for w in (0, 2):
+        out = tmp_path / f"w{w}"
+        cfg = load_config(None, overrides(data, out, "method=adversarial", "adversarial.pretrain_steps=2",
+                                          "optim.max_steps=4", f"data.num_workers={w}"), preset_name="cpu")
+        FairTrainer(cfg).train()
+        runs[w] = load_file(str(out / "adapter_model.safetensors")), [
+            {k: v for k, v in r.items() if k != "time"} for r in read_metrics(out)]
+    (a0, m0), (a2, m2) = runs[0], runs[2]
+    assert a0.keys() == a2.keys() and all(torch.equal(a0[k], a2[k]) for k in a0)
+    assert m0 == m2
+
+
+def test_batch_loader_follows_the_requests_in_any_order():
+    from fairllava.training.data_order import BatchLoader
+
+    class Order:
+        def __getitem__(self, k):
+            return divmod(k, 3)[0], [k % 3, (k + 1) % 3]
+
+    def collate(items):
+        return {"ids": torch.tensor(items)}
+
+    loader = BatchLoader(Order(), dataset=[10, 11, 12], index_map=[2, 1, 0], collator=collate, num_workers=1, limit=4)
+    seen = [(k, *loader(k)) for k in (0, 1, 2, 0, 1, 3, 4, 5, 7)]
+    for k, epoch, batch in seen:
+        want = [[12, 11], [11, 10], [10, 12]][k % 3]
+        assert epoch == k // 3 and batch["ids"].tolist() == want, (k, epoch, batch)
+    loader.close()

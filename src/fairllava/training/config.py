@@ -188,7 +188,8 @@ class TrainConfig:
                               ("checkpointing.every_n_steps", self.checkpointing.every_n_steps, 1),
                               ("checkpointing.keep_last", self.checkpointing.keep_last, 1),
                               ("logging.every_n_steps", self.logging.every_n_steps, 1),
-                              ("data.max_length", self.data.max_length, 8)):
+                              ("data.max_length", self.data.max_length, 8),
+                              ("data.num_workers", self.data.num_workers, 0)):
             if val < lo:
                 raise FairllavaError(f"{name}: expected >= {lo}, got {val}")
         if o.lr <= 0:

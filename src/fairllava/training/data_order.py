@@ -44,3 +44,59 @@ class _Batches:
         if epoch != self._epoch:
             self._epoch, self._cache = epoch, self._epoch_list(epoch)
         return epoch, self._cache[pos]
+
+
+def _as_is(item):
+    return item  # the view already collates; a module-level function so spawn-started workers can pickle it
+
+
+class _Collated(torch.utils.data.Dataset):
+    """Map-style view for a DataLoader: item ``(epoch, indices)`` -> ``(epoch, collated batch)``."""
+
+    def __init__(self, dataset, index_map, collator) -> None:
+        self.dataset, self.index_map, self.collator = dataset, index_map, collator
+
+    def __getitem__(self, item: tuple[int, list[int]]) -> tuple[int, dict]:
+        epoch, local = item
+        return epoch, self.collator([self.dataset[self.index_map[i]] for i in local])
+
+
+class BatchLoader:
+    """Micro-batch ``k`` -> ``(epoch, collated CPU batch)``, the same batches in the same order for any
+    ``num_workers`` (``data.num_workers``).
+
+    Why: with ``num_workers > 0`` images are read and collated in worker processes (torch's DataLoader,
+    prefetching), so a GPU does not wait on JPEG decoding; the batch *order* stays the main process's
+    (:class:`_Batches`), so resume and determinism do not depend on the worker count. Requests are expected in
+    increasing order; any other request restarts the prefetch at that micro-batch (e.g. the main loop after an
+    adversary's pre-training)."""
+
+    def __init__(self, batches: _Batches, dataset, index_map, collator, num_workers: int = 0, limit: int = 0,
+                 pin_memory: bool = False) -> None:
+        self.batches, self.num_workers, self.limit, self.pin_memory = batches, int(num_workers), int(limit), pin_memory
+        self.view = _Collated(dataset, index_map, collator)
+        self._it, self._next = None, None
+
+    def __call__(self, k: int) -> tuple[int, dict]:
+        if self.num_workers <= 0:
+            return self.view[self.batches[k]]
+        if self._it is None or k != self._next:
+            self._start(k)
+        self._next = k + 1
+        try:
+            return next(self._it)
+        except StopIteration:  # asked beyond ``limit`` (e.g. a longer adversary pre-training): one more batch
+            self._start(k)
+            return next(self._it)
+
+    def _start(self, k: int) -> None:
+        order = [self.batches[j] for j in range(k, max(self.limit, k + 1))]
+        # Its own generator: an iterator seeds its workers from the loader's generator, which would otherwise be
+        # the global one and shift every later random draw (dropout masks, token sampling) by the worker count.
+        loader = torch.utils.data.DataLoader(self.view, batch_size=None, sampler=order, num_workers=self.num_workers,
+                                             pin_memory=self.pin_memory, collate_fn=_as_is,
+                                             generator=torch.Generator().manual_seed(0))
+        self._it = iter(loader)
+
+    def close(self) -> None:
+        self._it = None

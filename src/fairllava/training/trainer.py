@@ -409,12 +409,14 @@ class FairTrainer:
 
         collator = VLMCollator(loaded.processor, loaded.dataset.vocabs, mode="train", max_length=cfg.data.max_length,
                                task_labels=_task_label_classes(cfg, loaded), system_prompt=cfg.data.system_prompt)
-        ds, idx_map = loaded.dataset, loaded.indices
+        from .data_order import BatchLoader
+
+        loader = BatchLoader(batches, loaded.dataset, loaded.indices, collator, num_workers=cfg.data.num_workers,
+                             limit=total * o.grad_accum, pin_memory=accelerator.device.type == "cuda")
 
         def get_batch(k: int) -> tuple[int, dict]:
-            epoch, local = batches[k]
-            items = [ds[idx_map[i]] for i in local]
-            return epoch, _to_device(collator(items), accelerator.device)
+            epoch, batch = loader(k)
+            return epoch, _to_device(batch, accelerator.device)
 
         t0 = time.time()
         # ---- optional discriminator pre-training (adversarial): backbone frozen, LoRA off
@@ -481,6 +483,7 @@ class FairTrainer:
                 ck.discard_checkpoints(self.run_dir)
             raise
         finally:
+            loader.close()
             progress.close()
             logger.close()
 
