@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench results clean benchmark
+.PHONY: install demo test test-fast bench results clean benchmark benchmark-derm benchmark-cxr
 
 install: $(STAMP)
 
@@ -50,13 +50,16 @@ gpu-check:
 gpu-check-tiny:
 	$(GPU_PY) bench/gpu_check.py --tiny --no-install $(GPU_CHECK_ARGS)
 
-# The pre-registered benchmark (docs/protocol.md): runs or resumes the final plan, then writes the leaderboard
-# (leaderboard.{md,csv,html,json} + plots) into $(BENCHMARK_OUT). Finished runs are never redone.
-BENCHMARK_PLAN ?= configs/benchmark/final.yaml
+# The pre-registered benchmark (docs/protocol.md): one final plan per task, each first checked against its
+# selection folder (the final plan must hold exactly the chosen settings), run or resumed (finished runs are never
+# redone), then one leaderboard over both with one primary family (leaderboard.{md,csv,html,json} + plots).
 BENCHMARK_OUT  ?= runs/benchmark-final
-# The selection folders whose choices the final plan must hold (checked before anything runs).
-SELECTIONS     ?= runs/selection runs/selection-cxr
 BENCHMARK_ARGS ?= --jobs 2 --threads-per-job 1
-benchmark: $(STAMP)
-	$(VENV)/bin/fairllava benchmark check $(BENCHMARK_PLAN) $(foreach s,$(SELECTIONS),--against $(s))
-	$(VENV)/bin/fairllava benchmark run $(BENCHMARK_PLAN) --out $(BENCHMARK_OUT) $(BENCHMARK_ARGS)
+benchmark-derm: $(STAMP)
+	$(VENV)/bin/fairllava benchmark check configs/benchmark/final-derm.yaml --against runs/selection
+	$(VENV)/bin/fairllava benchmark run configs/benchmark/final-derm.yaml --out $(BENCHMARK_OUT)/derm-vqa $(BENCHMARK_ARGS)
+benchmark-cxr: $(STAMP)
+	$(VENV)/bin/fairllava benchmark check configs/benchmark/final-cxr.yaml --against runs/selection-cxr
+	$(VENV)/bin/fairllava benchmark run configs/benchmark/final-cxr.yaml --out $(BENCHMARK_OUT)/cxr-report $(BENCHMARK_ARGS)
+benchmark: benchmark-derm benchmark-cxr
+	$(VENV)/bin/fairllava benchmark report $(BENCHMARK_OUT)/derm-vqa $(BENCHMARK_OUT)/cxr-report --to $(BENCHMARK_OUT)

@@ -287,3 +287,42 @@ def test_a_tasks_stage2_overrides_reach_its_stage2_runs_only():
     assert steps == {("derm-vqa", "lora"): 3, ("derm-vqa", "reweight"): 5, ("cxr-report", "lora"): 7,
                      ("cxr-report", "reweight"): 5}
     assert {stage1_config(plan, t, 2, "B", "D", "R")["optim"]["max_steps"] for t in plan.tasks} == {2}
+
+
+def test_leaderboards_of_plans_for_different_tasks_combine_under_one_primary_family(sweep, tmp_path):
+    """One final plan per task (a cheap task need not wait for an expensive one): the combined leaderboard holds
+    both tasks and Holm runs over every task's comparisons together, as one plan would."""
+    from fairllava.benchmark.leaderboard import combine_leaderboards
+    from fairllava.benchmark.report import provenance
+    from fairllava.benchmark.stats import holm
+
+    board = json.loads(json.dumps(sweep[1]))
+    plan = load_plan(SMOKE)
+    d = _plan_dict()
+    d["tasks"] = {"cxr-report": d["tasks"]["derm-vqa"]}
+    other_plan = plan_from_dict(d, "other.yaml")
+    other = json.loads(json.dumps(board))
+    other["plan_name"], other["plan_hash"] = "other", "0123"
+    other["plan"]["tasks"] = {"cxr-report": other["plan"]["tasks"].pop("derm-vqa")}
+    for r in other["rows"]:
+        r["task"] = "cxr-report"
+    # distinct p-values, so the joint ranking matters
+    for rows, ps in ((board["rows"], [0.01, 0.04]), (other["rows"], [0.02, 0.03])):
+        for r, p in zip([r for r in rows if r.get("vs_baseline")], ps):
+            r["vs_baseline"]["metrics"][r["primary_metric"]]["signed_gap"]["p_value"] = p
+    before = json.loads(json.dumps([board, other]))
+    both = combine_leaderboards([board, other], [plan, other_plan])
+    fam = [r for r in both["rows"] if "holm_p" in r]
+    assert both["family"]["size"] == len(fam) == 2 * board["family"]["size"] > 0
+    raw = [r["vs_baseline"]["metrics"][r["primary_metric"]]["signed_gap"]["p_value"] for r in fam]
+    assert [r["holm_p"] for r in fam] == pytest.approx(holm(raw))
+    assert {r["task"] for r in both["rows"]} == {"derm-vqa", "cxr-report"}
+    assert all(r["holm_p"] >= p for r, p in zip(fam, raw))
+    assert [s["plan_name"] for s in both["sources"]] == ["smoke", "other"] and "plan `other` (hash 0123)" in provenance(both)
+    assert json.loads(json.dumps([board, other])) == before  # the inputs are left as they were
+    with pytest.raises(FairllavaError, match="a task is in more than one plan"):
+        combine_leaderboards([board, board], [plan, plan])
+    d["baseline"] = "reweight"
+    d["methods"]["reweight"].pop("settings", None)
+    with pytest.raises(FairllavaError, match="different baseline"):
+        combine_leaderboards([board, other], [plan, plan_from_dict(d, "other.yaml")])

@@ -31,8 +31,7 @@ CHOSEN = {"lora-tuned": 1, "fairllava-selected": 2, "reweight": 0, "resample": 1
 
 def _final(sel) -> dict:
     """A final plan (derm-vqa) that holds CHOSEN, written by hand the way a user would."""
-    d = yaml.safe_load((CONFIGS / "final.yaml").read_text())
-    del d["tasks"]["cxr-report"]
+    d = yaml.safe_load((CONFIGS / "final-derm.yaml").read_text())
     v = sel.method_variants()
     for e, k in CHOSEN.items():
         if e != "lora-tuned":

@@ -12,10 +12,12 @@ computed verdict.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..errors import FairllavaError
 from .manifest import check_done
 from .plan import Plan
 from .runner import Step, data_dir, load_folder_plan, plan_steps
@@ -129,6 +131,46 @@ def build_leaderboard(out: str | Path, log: Callable[[str], None] = print) -> di
              "corrupt": corrupt, "rows": rows}
     apply_family(board, plan)
     board["selection"] = selection_summary(board, plan)
+    return board
+
+
+def combine_leaderboards(boards: list[dict], plans: list[Plan]) -> dict:
+    """One leaderboard from several results folders whose plans cover different tasks (e.g. one final plan per
+    task, so a cheap task's final runs need not wait for an expensive task's selection), with ONE primary family
+    over all of them: Holm over every task's comparisons, as if it had been one plan (docs/protocol.md §5)."""
+    from .verdict import apply_family
+
+    if len(boards) == 1:
+        return boards[0]
+    first, p0 = boards[0], plans[0]
+    for b, p in zip(boards[1:], plans[1:]):
+        for what, x, y in (("baseline", p.baseline, p0.baseline), ("attribute", p.attribute, p0.attribute),
+                           ("primary strength", p.primary.strength, p0.primary.strength),
+                           ("primary methods", p.primary.methods, p0.primary.methods),
+                           ("alpha", b["alpha"], first["alpha"]), ("final split", b["final_split"], first["final_split"])):
+            if x != y:
+                raise FairllavaError(f"plans {p0.name} and {p.name}: different {what} ({y!r} vs {x!r}); their "
+                                     "leaderboards cannot share one primary family")
+    tasks = [t for p in plans for t in p.tasks]
+    if len(set(tasks)) != len(tasks):
+        raise FairllavaError(f"plans {', '.join(p.name for p in plans)}: a task is in more than one plan "
+                             f"({', '.join(tasks)}); combine folders of different tasks only")
+    rows = [dict(r) for b in boards for r in b["rows"]]
+    for r in rows:
+        r.pop("holm_p", None)
+    plan_dict = copy.deepcopy(first["plan"])
+    plan_dict["tasks"] = {t: v for b in boards for t, v in b["plan"]["tasks"].items()}
+    board = {**first, "plan_name": " + ".join(b["plan_name"] for b in boards),
+             "plan_hash": " + ".join(b["plan_hash"] for b in boards), "plan": plan_dict, "rows": rows,
+             "sources": [{"plan_name": b["plan_name"], "plan_hash": b["plan_hash"], "code": b["code"],
+                          "runs": b["runs"], "partial": b["partial"]} for b in boards],
+             "partial": any(b["partial"] for b in boards),
+             "runs": {k: sum(b["runs"][k] for b in boards) for k in ("finished", "missing", "corrupt", "total")},
+             "corrupt": [c for b in boards for c in b["corrupt"]],
+             "selection": {t: v for b in boards for t, v in (b.get("selection") or {}).items()}}
+    merged = copy.copy(p0)
+    merged.methods = {k: v for p in plans for k, v in p.methods.items()}
+    apply_family(board, merged)
     return board
 
 

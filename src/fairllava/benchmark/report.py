@@ -96,13 +96,17 @@ def headline_markdown(board: dict, title: Optional[str] = None) -> str:
 
 
 def provenance(board: dict) -> str:
-    code = board["code"]
     part = (f" **Partial**: {board['runs']['finished']} of {board['runs']['total']} runs finished"
             + (f", {board['runs']['corrupt']} corrupt (left out)" if board["runs"]["corrupt"] else "") + "."
             if board["partial"] else "")
-    return (f"Plan `{board['plan_name']}` (hash {board['plan_hash']}), code commit `{str(code.get('commit'))[:10]}` "
-            f"(code hash {code.get('code_hash')}{', uncommitted changes' if code.get('dirty') else ''}); "
-            f"primary family: {board['family']['size']} comparisons, Holm-adjusted, alpha {board['alpha']}.{part}")
+    sources = board.get("sources") or [board]
+    plans = "; ".join(
+        f"plan `{s['plan_name']}` (hash {s['plan_hash']}), code commit `{str(s['code'].get('commit'))[:10]}` "
+        f"(code hash {s['code'].get('code_hash')}{', uncommitted changes' if s['code'].get('dirty') else ''})"
+        + (f", partial: {s['runs']['finished']} of {s['runs']['total']} runs" if len(sources) > 1 and s["partial"] else "")
+        for s in sources)
+    return (plans[0].upper() + plans[1:] + f"; primary family{' over all of them' if len(sources) > 1 else ''}: "
+            f"{board['family']['size']} comparisons, Holm-adjusted, alpha {board['alpha']}.{part}")
 
 
 def _blocks(board: dict, figures: dict[str, bytes], markdown: bool) -> list:

@@ -69,11 +69,17 @@ def run_cmd(
 
 @benchmark_app.command("report")
 def report_cmd(
-    results: Path = typer.Argument(..., help="Results folder of `fairllava benchmark run`."),
-    to: Optional[Path] = typer.Option(None, "--to", help="Folder for the leaderboard files (default: the results folder)."),
+    results: list[Path] = typer.Argument(..., help="Results folder(s) of `fairllava benchmark run`; several (plans "
+                                         "of different tasks) make one leaderboard with one primary family."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Folder for the leaderboard files (default: the results "
+                                      "folder; required with several)."),
 ) -> None:
     """Leaderboard (markdown, CSV, HTML with plots, JSON) from the finished runs of a results folder."""
-    _report(results, to or results)
+    from ..errors import FairllavaError
+
+    if len(results) > 1 and to is None:
+        raise FairllavaError("benchmark report: several results folders need --to (where the combined leaderboard goes)")
+    _report(results, to or results[0])
 
 
 @benchmark_app.command("power")
@@ -100,11 +106,14 @@ def power_cmd(
         typer.echo(power_markdown(power_table(board, t, seeds=S, n_per_cell=N)))
 
 
-def _report(results: Path, to: Path) -> None:
-    from ..benchmark.leaderboard import build_leaderboard
+def _report(results, to: Path) -> None:
+    from ..benchmark.leaderboard import build_leaderboard, combine_leaderboards
     from ..benchmark.report import write_leaderboard
+    from ..benchmark.runner import load_folder_plan
 
-    board = build_leaderboard(results, log=_log)
+    folders = [results] if isinstance(results, Path) else list(results)
+    board = combine_leaderboards([build_leaderboard(f, log=_log) for f in folders],
+                                 [load_folder_plan(f) for f in folders])
     files = write_leaderboard(board, to)
     for r in board["rows"]:
         if r.get("verdict") and r["verdict"]["adjusted"]:
