@@ -118,3 +118,15 @@ def test_shortcut_target_is_the_tasks_label_also_at_s0():
     # a renderer that enriches another label than the task's declared one is an error, not a silent mislabel
     with pytest.raises(FairllavaError, match="enriched for 'normal'.*shortcut label is 'abnormal'"):
         shortcut_target(card({"normal": 0.85, "abnormal": 0.15}, {"normal": 0.5, "abnormal": 0.5}), "cxr-report")
+
+
+def test_power_uses_the_final_plans_family_not_the_selection_boards():
+    """A selection board's own "family" is its 18 validation trials; the final test's is 6 methods x 2 tasks."""
+    from pathlib import Path
+
+    from fairllava.benchmark.plan import load_plan
+    from fairllava.benchmark.power import family_size_of
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "benchmark"
+    finals = [load_plan(configs / f) for f in ("final-derm.yaml", "final-cxr.yaml")]
+    assert family_size_of(finals) == 12 and family_size_of(finals[:1]) == 6

@@ -23,6 +23,16 @@ from typing import Optional, Sequence
 from ..errors import FairllavaError
 
 
+def family_size_of(plans) -> int:
+    """The primary family of the final comparison: every non-baseline primary method x every task that has the
+    primary strength, summed over the final plans (one per task), i.e. what the joint leaderboard Holm-adjusts."""
+    n = 0
+    for p in plans:
+        methods = p.primary.methods or [m for m in p.methods if m != p.baseline]
+        n += len(methods) * sum(1 for spec in p.tasks.values() if p.primary.strength in spec.strengths)
+    return n
+
+
 def _components(cell: dict) -> Optional[tuple[float, float]]:
     """(τ², σ²) of one pooled quantity from its SE and τ² (SE² = τ²/S + σ²/S for equal per-seed variances)."""
     se, tau2, S = cell.get("se"), cell.get("tau2"), len(cell.get("seeds") or [])

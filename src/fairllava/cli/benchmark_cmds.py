@@ -88,12 +88,26 @@ def power_cmd(
     task: Optional[str] = typer.Option(None, "--task", help="Task (default: every task of the leaderboard)."),
     seeds: str = typer.Option("3,4,5,6,8,10", "--seeds", help="Seed counts to tabulate."),
     n_per_cell: str = typer.Option("50,100,200", "--n-per-cell", help="Test sizes per group x label cell."),
+    final: list[Path] = typer.Option([Path("configs/benchmark/final-derm.yaml"), Path("configs/benchmark/final-cxr.yaml")],
+                                     "--final", help="The final plan(s) whose primary family sets m (Holm's first "
+                                     "step uses alpha / m)."),
+    family_size: Optional[int] = typer.Option(None, "--family-size", help="m directly, instead of --final."),
 ) -> None:
     """Power to detect a halving of the baseline's signed gap, from the leaderboard's own variances."""
-    from ..benchmark.power import power_markdown, power_table
+    from ..benchmark.plan import load_plan
+    from ..benchmark.power import family_size_of, power_markdown, power_table
     from ..benchmark.report import read_leaderboard
     from ..errors import FairllavaError
 
+    if family_size is None:
+        missing = [str(f) for f in final if not f.is_file()]
+        if missing:
+            raise FairllavaError(f"benchmark power: final plan {missing[0]} not found (give --final PLAN per final "
+                                 "plan, or --family-size N)")
+        family_size = family_size_of([load_plan(f) for f in final])
+        typer.echo(f"primary family of {', '.join(map(str, final))}: m = {family_size}")
+    if family_size < 1:
+        raise FairllavaError(f"benchmark power: --family-size: expected >= 1, got {family_size}")
     if not (results / "leaderboard.json").is_file():
         raise FairllavaError(f"{results}: no leaderboard.json (run `fairllava benchmark report {results}` first)")
     board = read_leaderboard(results)
@@ -103,7 +117,7 @@ def power_cmd(
     except ValueError:
         raise FairllavaError("--seeds/--n-per-cell: expected comma-separated integers") from None
     for t in [task] if task else list(dict.fromkeys(r["task"] for r in board["rows"])):
-        typer.echo(power_markdown(power_table(board, t, seeds=S, n_per_cell=N)))
+        typer.echo(power_markdown(power_table(board, t, seeds=S, n_per_cell=N, family_size=family_size)))
 
 
 def _report(results, to: Path) -> None:
