@@ -1,4 +1,5 @@
-"""Checkpoint layout, atomic publication, pruning and the run's artefact files.
+"""Checkpoint layout, atomic publication, pruning, the run's artefact files, and the check that a resume
+continues the same computation (``check_same_config``).
 
 Why: a kill must never leave a checkpoint that looks complete but is not, so every checkpoint is
 built under ``checkpoints/.tmp-*`` and renamed to ``checkpoints/checkpoint-<step>`` only when
@@ -122,3 +123,32 @@ def load_projector(projector: torch.nn.Module, path: str | os.PathLike) -> None:
             raise FairllavaError(f"{path}: projector weight {k!r} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}")
         mapped[k] = t
     projector.load_state_dict(mapped, strict=True)
+
+
+# Keys that may change between a run and its resume without changing what is computed.
+RESUME_FREE = {"logging", "checkpointing", "output_dir", "data.num_workers"}
+
+
+def check_same_config(cfg, saved: Path) -> None:
+    """A resume must continue the same computation: refuse a changed config (other than logging/paths)."""
+    from .config import load_config
+
+    old = load_config(saved).to_dict()
+    new = cfg.to_dict()
+    diffs = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if path in RESUME_FREE:
+            return
+        if isinstance(a, dict) and isinstance(b, dict) and path not in ("data.attributes", "fairness"):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b:
+            diffs.append(path)
+
+    walk(old, new, "")
+    if diffs:
+        raise FairllavaError(
+            f"--resume: the config differs from the checkpoint's ({saved}) at {', '.join(diffs)}; "
+            "resume with the same settings or start a new --output-dir"
+        )

@@ -345,7 +345,7 @@ class FairTrainer:
         )
         resume_from = self._check_run_dir()
         if resume_from is not None:
-            _check_same_config(cfg, resume_from / "config.yaml")
+            ck.check_same_config(cfg, resume_from / "config.yaml")
         set_seed(o.seed)
         loaded = self._load(accelerator)
         model, method = loaded.model, loaded.method
@@ -560,10 +560,6 @@ class FairTrainer:
         })
 
 
-# Keys that may change between a run and its resume without changing what is computed.
-_RESUME_FREE = {"logging", "checkpointing", "output_dir", "data.num_workers"}
-
-
 def _check_precision_agrees(cfg: TrainConfig, compute_dtype: torch.dtype) -> None:
     """``optim.mixed_precision`` (accelerate's autocast + fp16 loss scaling) must not contradict ``model.dtype``."""
     mp = cfg.optim.mixed_precision
@@ -574,31 +570,6 @@ def _check_precision_agrees(cfg: TrainConfig, compute_dtype: torch.dtype) -> Non
     if compute_dtype == torch.float16 and mp != "fp16":
         raise FairllavaError("model.dtype=float16 needs optim.mixed_precision: fp16 (its gradient scaler; fp16 "
                              "gradients underflow without it); or use bfloat16")
-
-
-def _check_same_config(cfg: TrainConfig, saved: Path) -> None:
-    """A resume must continue the same computation: refuse a changed config (other than logging/paths)."""
-    from .config import load_config
-
-    old = load_config(saved).to_dict()
-    new = cfg.to_dict()
-    diffs = []
-
-    def walk(a: Any, b: Any, path: str) -> None:
-        if path in _RESUME_FREE:
-            return
-        if isinstance(a, dict) and isinstance(b, dict) and path not in ("data.attributes", "fairness"):
-            for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-        elif a != b:
-            diffs.append(path)
-
-    walk(old, new, "")
-    if diffs:
-        raise FairllavaError(
-            f"--resume: the config differs from the checkpoint's ({saved}) at {', '.join(diffs)}; "
-            "resume with the same settings or start a new --output-dir"
-        )
 
 
 def _task_label_classes(cfg: TrainConfig, loaded: "_Loaded") -> Optional[list[str]]:
