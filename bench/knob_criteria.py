@@ -50,7 +50,8 @@ def answer_rates(out: Path, board: dict) -> list[dict]:
         counts: dict = {}
         target = None
         for seed in r["seeds"]:
-            card = json.loads((data_dir(out, r["task"], seed, r["strength"]) / "datacard.json").read_text())
+            card = json.loads((data_dir(out, r["task"], seed, r["strength"]) / "datacard.json").read_text(
+                encoding="utf-8"))
             target = shortcut_target(card, r["task"])
             attr = card["shortcut"]["attribute"]
             run = Step("run", r["task"], seed, r["strength"], r["method"], r["split"]).folder(out)
@@ -67,13 +68,16 @@ def answer_rates(out: Path, board: dict) -> list[dict]:
 
 
 def rates_markdown(rates: list[dict]) -> str:
+    cols = list(dict.fromkeys(c for r in rates for c in r["rates"]))
     lines = ["", "How often the baseline answers with the shortcut's label (percent of samples, seeds pooled; "
              "'with' = the true label is the shortcut's, so that column is its sensitivity and 'without' its "
-             "false-positive rate):", "", "| task | S | label | " + " | ".join(rates[0]["rates"]) + " |",
-             "|---|---|---|" + "---|" * len(rates[0]["rates"])]
+             "false-positive rate):", ""]
+    if not rates:
+        return "\n".join(lines + ["(no baseline rows)"]) + "\n"
+    lines += ["| task | S | label | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for r in rates:
         lines.append(f"| {r['task']} | {r['strength']:g} | {r['label']} | "
-                     + " | ".join(f"{v:.1f}" for v in r["rates"].values()) + " |")
+                     + " | ".join(f"{r['rates'][c]:.1f}" if c in r["rates"] else "–" for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 

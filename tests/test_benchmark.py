@@ -225,6 +225,7 @@ def _plan_dict() -> dict:
     (lambda d: d.update(splits=["train"]), "splits: expected a non-empty list"),
     (lambda d: d.update(baseline="erm"), "baseline: 'erm' must name a method"),
     (lambda d: d["tasks"]["derm-vqa"].update(stage2={"optim": {"max_stpes": 3}}), "max_stpes: unknown key"),
+    (lambda d: d["training"]["stage2"].update(fairness={"dac_lr": 0.1}), "training.stage2.fairness: estimator"),
 ])
 def test_bad_plan_is_a_one_line_error_before_any_run(tmp_path, edit, message):
     from typer.testing import CliRunner
@@ -326,3 +327,42 @@ def test_leaderboards_of_plans_for_different_tasks_combine_under_one_primary_fam
     d["methods"]["reweight"].pop("settings", None)
     with pytest.raises(FairllavaError, match="different baseline"):
         combine_leaderboards([board, other], [plan, plan_from_dict(d, "other.yaml")])
+
+
+def test_a_family_split_over_plans_is_partial_and_provisional_until_every_task_is_in(sweep):
+    from fairllava.benchmark.leaderboard import combine_leaderboards
+    from fairllava.benchmark.verdict import apply_family
+
+    d = _plan_dict()
+    d["primary"]["family_tasks"] = ["derm-vqa", "cxr-report"]
+    derm = plan_from_dict(d, "final-derm.yaml")
+    alone = json.loads(json.dumps(sweep[1]))
+    assert alone["partial"] is False
+    apply_family(alone, derm)
+    members = [r for r in alone["rows"] if "holm_p" in r]
+    assert alone["partial"] is True and alone["family"]["missing_tasks"] == ["cxr-report"]
+    assert members and all(r["verdict"]["provisional"] and r["verdict"]["text"].startswith("PROVISIONAL")
+                           for r in members)
+    d["tasks"] = {"cxr-report": d["tasks"]["derm-vqa"]}
+    cxr = plan_from_dict(d, "final-cxr.yaml")
+    other = json.loads(json.dumps(alone))
+    other["plan"]["tasks"] = {"cxr-report": other["plan"]["tasks"].pop("derm-vqa")}
+    for r in other["rows"]:
+        r["task"] = "cxr-report"
+    both = combine_leaderboards([alone, other], [derm, cxr])
+    assert both["partial"] is False and both["family"]["missing_tasks"] == []
+    assert not any(r["verdict"]["provisional"] for r in both["rows"] if r.get("verdict"))
+    with pytest.raises(FairllavaError, match="primary.family_tasks"):
+        d["primary"]["family_tasks"] = ["derm-vqa"]  # must include the plan's own task
+        plan_from_dict(d, "final-cxr.yaml")
+
+
+def test_schema_keys_at_their_default_leave_the_plan_hash_unchanged():
+    d = _plan_dict()
+    h = plan_from_dict(d, "p.yaml").hash
+    d["tasks"]["derm-vqa"]["stage2"] = {}
+    d["methods"]["lora"]["task_settings"] = {}
+    d["primary"]["family_tasks"] = None
+    assert plan_from_dict(d, "p.yaml").hash == h
+    d["tasks"]["derm-vqa"]["stage2"] = {"optim": {"max_steps": 4}}
+    assert plan_from_dict(d, "p.yaml").hash != h

@@ -1,23 +1,36 @@
 """Does the final plan hold exactly the settings the selection chose? (docs/protocol.md §3)
 
 Why a check and not a hand copy: the protocol's value rests on the final runs using the validation split's
-choices unchanged. ``fairllava benchmark check FINAL --against SELECTION_DIR`` compares, per task, every leaf of
-each chosen trial's settings with the final plan's resolved stage-2 config for that method, applies the baseline
-rule (a tuned baseline's chosen learning rate becomes every method's shared one, unless the method's own chosen
-settings set it), and checks that the shared training settings did not drift between selection and final.
+choices unchanged. ``fairllava benchmark check FINAL --against SELECTION_DIR`` compares, per task and per final
+method, the *whole* resolved stage-2 TrainConfig with the one the selection ran:
+
+- a method the selection tuned: its chosen trial's config;
+- the baseline: the tuned baseline's chosen config (``lora-tuned``), else the selection's baseline;
+- a method the selection did not tune (``fairllava-paper``): the selection's shared settings with this method's
+  defaults (its kind and fairness preset; no own settings, since none were selected), built on the selection plan.
+
+The baseline rule: a tuned baseline's chosen values (its learning rate) are every method's, except where a
+method's own chosen trial sets the same key (``reweight``/``resample`` tune their own lr). Also compared: the
+stage-1 config, the model, attribute, data settings (except the split sizes), generation and primary metric.
+Paths, seeds and keys that do not change results (``checkpoint.RESUME_FREE``) are not compared.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import FairllavaError
-from .configs import stage2_config
+from .configs import stage1_config, stage2_config
 from .plan import Plan
 
 _MISSING = "<unset>"
-# Run-specific paths: they differ between any two plans and say nothing about the settings.
-_PATHS = {("model", "path"), ("model", "projector_path"), ("data", "train"), ("data", "image_root"), ("output_dir",)}
+# Run-specific paths and seeds: they differ between any two plans or runs and say nothing about the settings.
+_IGNORED = {("model", "path"), ("model", "projector_path"), ("data", "train"), ("data", "image_root"),
+            ("output_dir",), ("optim", "seed"), ("fairness", "seed")}
+# Data settings that are not settings of the compared methods (the evaluated split's size).
+_DATA_FREE = {"n_val_per_cell", "n_test_per_cell"}
 
 
 def _leaves(d: Any, prefix: tuple = ()) -> dict[tuple, Any]:
@@ -29,72 +42,115 @@ def _leaves(d: Any, prefix: tuple = ()) -> dict[tuple, Any]:
     return {prefix: d}
 
 
-def _get(cfg: dict, path: tuple) -> Any:
-    for k in path:
-        if not isinstance(cfg, dict) or k not in cfg:
-            return _MISSING
-        cfg = cfg[k]
-    return cfg
+def _free(path: tuple) -> bool:
+    from ..training.checkpoint import RESUME_FREE
+
+    return path in _IGNORED or any(".".join(map(str, path[:i])) in RESUME_FREE for i in range(1, len(path) + 1))
 
 
-def _config(plan: Plan, task: str, variant: str) -> dict:
-    return stage2_config(plan, task, 0, variant, "BASE", "DATA", "RUN", "PROJECTOR")
+def _resolved(cfg: dict) -> dict[tuple, Any]:
+    """Leaves of the config as TrainConfig reads it (``lr: 1e-4`` typed as a string and 0.0001 are equal)."""
+    from ..training.config import TrainConfig
+
+    return {p: v for p, v in _leaves(TrainConfig.from_dict(copy.deepcopy(cfg), where="config").to_dict()).items()
+            if not _free(p)}
+
+
+def _stage2(plan: Plan, task: str, variant: str) -> dict[tuple, Any]:
+    return _resolved(stage2_config(plan, task, 0, variant, "BASE", "DATA", "RUN", "PROJECTOR"))
+
+
+def _with_method(sel: Plan, name: str, spec) -> Plan:
+    """The selection plan with one more method (the final plan's, without its per-task settings)."""
+    p = copy.copy(sel)
+    p.methods = {**sel.methods, name: dataclasses.replace(spec, settings={}, task_settings={}, trials=[])}
+    return p
 
 
 def frozen_check(final: Plan, selections: list[tuple[Plan, dict]]) -> list[dict]:
-    """One row per checked setting: task, final method, the selection's choice, setting path, values, ok."""
+    """One row per compared item (a mismatch, or one ``ok`` row per method and shared block)."""
     rows: list[dict] = []
 
-    def add(task, method, chosen, path, want, have, what):
-        rows.append({"task": task, "method": method, "chosen": chosen, "setting": ".".join(map(str, path)),
-                     "selected": want, "final": have, "what": what, "ok": want == have})
+    def add(task, method, chosen, setting, want, have, what, ok=None):
+        rows.append({"task": task, "method": method, "chosen": chosen, "setting": setting, "selected": want,
+                     "final": have, "what": what, "ok": want == have if ok is None else ok})
 
+    covered = set()
     for sel, board in selections:
-        base_method = sel.methods[sel.baseline].method
+        base_kind = sel.methods[sel.baseline].method
         for task, choices in (board.get("selection") or {}).items():
+            covered.add(task)
             if task not in final.tasks:
-                add(task, "-", "-", ("task",), task, _MISSING, "task of the selection missing from the final plan")
+                add(task, "-", "-", "task", task, _MISSING, "task of the selection missing from the final plan")
                 continue
-            shared_lr_paths: dict[tuple, Any] = {}
-            own: dict[str, set] = {}
+            _shared(final, sel, task, add)
+            chosen_of: dict[str, tuple[str, Optional[str]]] = {}  # final method -> (selection entry, chosen variant)
             for entry, info in choices.items():
-                tuned_baseline = sel.methods[entry].method == base_method and entry != sel.baseline
+                tuned_baseline = sel.methods[entry].method == base_kind and entry != sel.baseline
                 target = final.baseline if tuned_baseline else entry
                 if info.get("chosen") is None:
-                    add(task, target, None, ("trial",), "a chosen trial", _MISSING, info.get("reason", "no choice"))
+                    add(task, target, None, "trial", "a chosen trial", _MISSING, info.get("reason", "no choice"))
                     continue
                 if target not in final.methods:
-                    add(task, target, info["chosen"], ("method",), target, _MISSING, "method missing from the final plan")
+                    add(task, target, info["chosen"], "method", target, _MISSING, "method missing from the final plan")
                     continue
-                chosen_cfg, final_cfg = _config(sel, task, info["chosen"]), _config(final, task, target)
-                paths = [p for p in _leaves(info["settings"] or {}) if p != ()]
-                own[target] = set(paths)
-                for p in paths:
-                    add(task, target, info["chosen"], p, _get(chosen_cfg, p), _get(final_cfg, p), "chosen setting")
-                if tuned_baseline:
-                    shared_lr_paths.update({p: _get(chosen_cfg, p) for p in paths})
-                if sel.methods[entry].fairness_preset != final.methods[target].fairness_preset:
-                    add(task, target, info["chosen"], ("fairness_preset",), sel.methods[entry].fairness_preset,
-                        final.methods[target].fairness_preset, "chosen setting")
-            # The tuned baseline's choice is every method's shared setting, unless the method chose its own.
-            for m in final.method_variants():
-                for p, v in shared_lr_paths.items():
-                    if m != final.baseline and p not in own.get(m, set()):
-                        add(task, m, "baseline rule", p, v, _get(_config(final, task, m), p), "shared (baseline rule)")
-            # Everything else the baseline trains with is the same in selection and final.
-            s_cfg, f_cfg = _leaves(_config(sel, task, sel.baseline)), _leaves(_config(final, task, final.baseline))
-            for p in sorted(set(s_cfg) | set(f_cfg), key=str):
-                if p in _PATHS or p in shared_lr_paths:
-                    continue
-                want, have = s_cfg.get(p, _MISSING), f_cfg.get(p, _MISSING)
-                if want != have:
-                    add(task, final.baseline, "-", p, want, have, "shared setting drifted")
+                chosen_of[target] = (entry, info["chosen"])
+            rule: dict[tuple, Any] = {}  # the tuned baseline's chosen values: every method's shared ones
+            tuned = chosen_of.get(final.baseline)
+            if tuned is not None:
+                trial = _leaves(sel.method_variants()[tuned[1]][1] or {})
+                rule = {p: v for p, v in _stage2(sel, task, tuned[1]).items() if p in trial}
+            for method in final.method_variants():
+                if method in chosen_of:
+                    entry, variant = chosen_of[method]
+                    want, label = _stage2(sel, task, variant), variant
+                    own = set(_leaves(sel.method_variants()[variant][1] or {}))
+                elif method in sel.methods and not sel.methods[method].trials:
+                    want, label, own = _stage2(sel, task, method), "(not tuned)", set()
+                elif method not in sel.methods:  # nothing was selected for it: it runs with its defaults
+                    want, label, own = _stage2(_with_method(sel, method, final.methods[method]), task, method), \
+                        "(not tuned)", set()
+                else:
+                    continue  # a tuned entry without a choice: reported above
+                want = {**want, **{p: v for p, v in rule.items() if p not in own or method == final.baseline}}
+                _rows(task, method, want, _stage2(final, task, method),
+                      "chosen settings" if method in chosen_of else "settings (baseline rule applied)", add, label)
+    for task in final.tasks:
+        if task not in covered:
+            add(task, "-", "-", "selection", "a selection of this task", _MISSING,
+                "no selection folder covers this task of the final plan")
     return rows
 
 
-def frozen_markdown(rows: list[dict]) -> str:
+def _shared(final: Plan, sel: Plan, task: str, add) -> None:
+    """Everything both plans share beyond the methods: stage 1, model, attribute, data, generation, endpoint."""
+    want: dict = {"model": sel.model, "attribute": sel.attribute, "primary_metric": sel.primary_metric(task),
+                  "system_prompt": sel.system_prompt, "training.stage1_strength": sel.training.stage1_strength}
+    have: dict = {"model": final.model, "attribute": final.attribute, "primary_metric": final.primary_metric(task),
+                  "system_prompt": final.system_prompt, "training.stage1_strength": final.training.stage1_strength}
+    for spec, out in ((sel.tasks[task], want), (final.tasks[task], have)):
+        out.update({f"data.{k}": v for k, v in vars(spec.data).items() if k not in _DATA_FREE})
+        out.update({f"generation.{k}": v for k, v in vars(spec.generation).items()})
+    _rows(task, "(shared)", want, have, "shared setting drifted", add)
+    _rows(task, "(stage 1)", _resolved(stage1_config(sel, task, 0, "BASE", "DATA", "RUN")),
+          _resolved(stage1_config(final, task, 0, "BASE", "DATA", "RUN")), "stage-1 setting drifted", add)
+
+
+def _rows(task, method, want: dict, have: dict, what: str, add, chosen: str = "-") -> None:
+    """A row per differing key, or one ``ok`` row saying how many keys were compared."""
+    name = (lambda p: ".".join(map(str, p)) if isinstance(p, tuple) else p)
+    bad = [p for p in sorted(set(want) | set(have), key=str) if want.get(p, _MISSING) != have.get(p, _MISSING)]
+    for p in bad:
+        add(task, method, chosen, name(p), want.get(p, _MISSING), have.get(p, _MISSING), what)
+    if not bad:
+        add(task, method, chosen, f"all {len(want)} settings", "same", "same", what, ok=True)
+
+
+def frozen_markdown(rows: list[dict], mismatches_only: bool = False) -> str:
     lines = ["| task | method | chosen | setting | selected | final plan | check |", "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if mismatches_only and r["ok"]:
+            continue
         lines.append(f"| {r['task']} | {r['method']} | {r['chosen']} | {r['setting']} | {r['selected']} | "
                      f"{r['final']} | {'ok' if r['ok'] else 'MISMATCH: ' + r['what']} |")
     return "\n".join(lines) + "\n"
@@ -116,7 +172,7 @@ def load_selection(folder: str | Path) -> tuple[Plan, dict]:
 
 
 def check_frozen(final: Plan, folders: list[str | Path]) -> list[dict]:
-    """Rows of :func:`frozen_check`; raises a one-line error naming the first mismatch."""
+    """Rows of :func:`frozen_check` for finished selection folders (their seeds must be the declared ones)."""
     selections = [load_selection(f) for f in folders]
     for f, (sel, _) in zip(folders, selections):
         for task in sel.tasks:

@@ -147,6 +147,7 @@ def combine_leaderboards(boards: list[dict], plans: list[Plan]) -> dict:
         for what, x, y in (("baseline", p.baseline, p0.baseline), ("attribute", p.attribute, p0.attribute),
                            ("primary strength", p.primary.strength, p0.primary.strength),
                            ("primary methods", p.primary.methods, p0.primary.methods),
+                           ("primary family tasks", p.primary.family_tasks, p0.primary.family_tasks),
                            ("alpha", b["alpha"], first["alpha"]), ("final split", b["final_split"], first["final_split"])):
             if x != y:
                 raise FairllavaError(f"plans {p0.name} and {p.name}: different {what} ({y!r} vs {x!r}); their "
@@ -158,13 +159,15 @@ def combine_leaderboards(boards: list[dict], plans: list[Plan]) -> dict:
     rows = [dict(r) for b in boards for r in b["rows"]]
     for r in rows:
         r.pop("holm_p", None)
-    plan_dict = copy.deepcopy(first["plan"])
-    plan_dict["tasks"] = {t: v for b in boards for t, v in b["plan"]["tasks"].items()}
+    # Only what is common: each source's own plan (methods, training) is in ``sources``.
+    plan_dict = {"primary": copy.deepcopy(first["plan"]["primary"]),
+                 "tasks": {t: v for b in boards for t, v in b["plan"]["tasks"].items()}}
     board = {**first, "plan_name": " + ".join(b["plan_name"] for b in boards),
              "plan_hash": " + ".join(b["plan_hash"] for b in boards), "plan": plan_dict, "rows": rows,
              "sources": [{"plan_name": b["plan_name"], "plan_hash": b["plan_hash"], "code": b["code"],
-                          "runs": b["runs"], "partial": b["partial"]} for b in boards],
-             "partial": any(b["partial"] for b in boards),
+                          "plan": b["plan"], "runs": b["runs"], "partial": b["partial"]} for b in boards],
+             # a source is partial by its own runs or because its family lacked the other tasks, which are now in
+             "partial": any(b["runs"]["missing"] or b["runs"]["corrupt"] for b in boards),
              "runs": {k: sum(b["runs"][k] for b in boards) for k in ("finished", "missing", "corrupt", "total")},
              "corrupt": [c for b in boards for c in b["corrupt"]],
              "selection": {t: v for b in boards for t, v in (b.get("selection") or {}).items()}}

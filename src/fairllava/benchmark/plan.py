@@ -128,6 +128,9 @@ class PrimarySpec:
 
     strength: float = 1.0
     methods: Optional[list] = None  # None = every method except the baseline
+    # The tasks the family spans when it is split over one final plan per task (None = this plan's tasks): a
+    # leaderboard missing one of them is partial and its Holm-adjusted verdicts are provisional.
+    family_tasks: Optional[list] = None
 
 
 @dataclass
@@ -156,8 +159,19 @@ class Plan:
 
     @property
     def hash(self) -> str:
-        """A hash of everything that changes results (the plan file's name and comments do not)."""
-        return f"{stable_hash(json.dumps(self.to_dict(), sort_keys=True)):016x}"
+        """A hash of everything that changes results (the plan file's name and comments do not). Keys added to
+        the schema after version 1 are left out while they hold their default, so an unchanged plan keeps its
+        hash when the schema grows."""
+        d = self.to_dict()
+        for spec in d["tasks"].values():
+            if not spec.get("stage2"):
+                spec.pop("stage2", None)
+        for spec in d["methods"].values():
+            if not spec.get("task_settings"):
+                spec.pop("task_settings", None)
+        if d["primary"].get("family_tasks") is None:
+            d["primary"].pop("family_tasks", None)
+        return f"{stable_hash(json.dumps(d, sort_keys=True)):016x}"
 
     # ------------------------------------------------------------------ runs
     def method_variants(self) -> dict[str, tuple[str, dict]]:
@@ -245,6 +259,14 @@ def validate_plan(plan: Plan) -> None:
         _check_data(spec.data, t, f"{where}.data")
         if spec.primary_metric is not None:
             _check_metric(t, spec.primary_metric, f"{where}.primary_metric")
+    # A fairllava method's estimator block is its preset's plus its own settings (configs.stage2_config); a
+    # `fairness` block among the shared settings would be replaced there, i.e. silently ignored: refuse it.
+    shared = [("training.stage1", plan.training.stage1), ("training.stage2", plan.training.stage2)]
+    shared += [(f"tasks.{t}.{k}", getattr(spec, k)) for t, spec in plan.tasks.items() for k in ("training", "stage2")]
+    for where, block in shared:
+        if isinstance(block, dict) and "fairness" in block:
+            raise FairllavaError(f"{src}: {where}.fairness: estimator settings belong to a method's settings or "
+                                 "trials (a fairllava method's fairness block is its preset's plus its own)")
     if not 0 <= plan.training.stage1_strength <= 1:
         raise FairllavaError(f"{src}: training.stage1_strength: expected a number in [0, 1]")
     for name, m in plan.methods.items():
@@ -279,6 +301,11 @@ def validate_plan(plan: Plan) -> None:
     for prim in plan.primary.methods or []:
         if prim not in plan.methods or prim == plan.baseline:
             raise FairllavaError(f"{src}: primary.methods: {prim!r} is not a non-baseline method of the plan")
+    ft = plan.primary.family_tasks
+    if ft is not None:
+        if not isinstance(ft, list) or any(t not in TASKS for t in ft) or not set(plan.tasks) <= set(ft):
+            raise FairllavaError(f"{src}: primary.family_tasks: expected a list of tasks ({', '.join(TASKS)}) that "
+                                 f"includes every task of this plan ({', '.join(plan.tasks)}), got {ft!r}")
     if not any(plan.primary.strength in spec.strengths for spec in plan.tasks.values()):
         raise FairllavaError(f"{src}: primary.strength: {plan.primary.strength} is not a strength of any task")
     for layer in plan.audit.layers:

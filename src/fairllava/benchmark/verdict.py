@@ -33,19 +33,25 @@ def apply_family(board: dict, plan) -> None:
     adjusted = holm([r["vs_baseline"]["metrics"][r["primary_metric"]]["signed_gap"]["p_value"] for r in family])
     for r, p in zip(family, adjusted):
         r["holm_p"] = p
+    declared = plan.primary.family_tasks or list(plan.tasks)
+    missing = [t for t in declared if t not in {r["task"] for r in board["rows"]}]
     board["family"] = {"endpoint": "signed gap of each task's primary metric", "strength": float(plan.primary.strength),
                        "split": board["final_split"], "size": len(family),
-                       "members": [f"{r['task']}/{r['method']}" for r in family], "correction": "holm"}
+                       "members": [f"{r['task']}/{r['method']}" for r in family], "correction": "holm",
+                       "tasks": declared, "missing_tasks": missing}
+    if missing and plan.primary.family_tasks:  # the family is split over plans and not all of them are in
+        board["partial"] = True
     for r in board["rows"]:
         if r["vs_baseline"] is None:
             r["verdict"] = None
             continue
         base = next((b for b in board["rows"] if (b["task"], b["strength"], b["split"], b["method"]) ==
                      (r["task"], r["strength"], r["split"], board["baseline"])), None)
-        r["verdict"] = verdict(r, base, board["alpha"], member=r in family)
+        r["verdict"] = verdict(r, base, board["alpha"], member=r in family,
+                               provisional=bool(missing and plan.primary.family_tasks))
 
 
-def verdict(row: dict, base: Optional[dict], alpha: float, member: bool) -> dict:
+def verdict(row: dict, base: Optional[dict], alpha: float, member: bool, provisional: bool = False) -> dict:
     m = row["primary_metric"]
     eff = row["vs_baseline"]["metrics"][m]["signed_gap"]
     reduction = None if eff["value"] is None else -eff["value"]
@@ -73,8 +79,12 @@ def verdict(row: dict, base: Optional[dict], alpha: float, member: bool) -> dict
             f"{p_name} = {'–' if p is None else f'{p:.3g}'}")
     if levelled:
         text += f"; levelled down ({adv} {_f(drop, sign=True)} points, below the {row['vs_baseline']['baseline']} CI)"
+    if provisional and member:
+        text = ("PROVISIONAL (the primary family's other tasks are not in yet, so Holm covers fewer comparisons "
+                "than declared): " + text)
     return {"label": label, "reduction": reduction, "reduction_ci": ci, "p": p, "adjusted": member,
-            "levelled_down": levelled, "advantaged_change": drop, "text": text}
+            "levelled_down": levelled, "advantaged_change": drop, "provisional": provisional and member,
+            "text": text}
 
 
 def _seeds(n: int) -> str:

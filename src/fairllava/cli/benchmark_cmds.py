@@ -36,8 +36,8 @@ def check_cmd(
         from ..benchmark.freeze import check_frozen, frozen_markdown
 
         rows = check_frozen(p, against)
-        typer.echo(frozen_markdown(rows))
         bad = [r for r in rows if not r["ok"]]
+        typer.echo(frozen_markdown(rows, mismatches_only=bool(bad)))
         if bad:
             b = bad[0]
             raise FairllavaError(f"{plan}: {len(bad)} setting(s) differ from the selection in "

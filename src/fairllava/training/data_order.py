@@ -67,8 +67,8 @@ class BatchLoader:
 
     Why: with ``num_workers > 0`` images are read and collated in worker processes (torch's DataLoader,
     prefetching), so a GPU does not wait on JPEG decoding; the batch *order* stays the main process's
-    (:class:`_Batches`), so resume and determinism do not depend on the worker count. Requests are expected in
-    increasing order; any other request restarts the prefetch at that micro-batch (e.g. the main loop after an
+    (:class:`_Batches`), so resume and determinism do not depend on the worker count. Requests are expected to be
+    consecutive; any other request restarts the prefetch at that micro-batch (e.g. the main loop after an
     adversary's pre-training)."""
 
     def __init__(self, batches: _Batches, dataset, index_map, collator, num_workers: int = 0, limit: int = 0,
@@ -78,19 +78,16 @@ class BatchLoader:
         self._it, self._next = None, None
 
     def __call__(self, k: int) -> tuple[int, dict]:
-        if self.num_workers <= 0:
+        if self.num_workers <= 0 or k >= self.limit:  # beyond ``limit`` (a longer adversary pre-training): here
             return self.view[self.batches[k]]
         if self._it is None or k != self._next:
+            self._it = None  # free the old workers before starting new ones
             self._start(k)
         self._next = k + 1
-        try:
-            return next(self._it)
-        except StopIteration:  # asked beyond ``limit`` (e.g. a longer adversary pre-training): one more batch
-            self._start(k)
-            return next(self._it)
+        return next(self._it)
 
     def _start(self, k: int) -> None:
-        order = [self.batches[j] for j in range(k, max(self.limit, k + 1))]
+        order = [self.batches[j] for j in range(k, self.limit)]
         # Its own generator: an iterator seeds its workers from the loader's generator, which would otherwise be
         # the global one and shift every later random draw (dropout masks, token sampling) by the worker count.
         loader = torch.utils.data.DataLoader(self.view, batch_size=None, sampler=order, num_workers=self.num_workers,
