@@ -67,4 +67,5 @@ benchmark-cxr: $(STAMP)
 benchmark: $(STAMP)
 	$(MAKE) benchmark-derm
 	$(MAKE) benchmark-cxr
-	$(VENV)/bin/fairllava benchmark report $(BENCHMARK_OUT)/derm-vqa $(BENCHMARK_OUT)/cxr-report --to $(BENCHMARK_OUT)
+	$(VENV)/bin/fairllava benchmark report $(BENCHMARK_OUT)/derm-vqa $(BENCHMARK_OUT)/cxr-report --to $(BENCHMARK_OUT) \
+		--head-to-head fairllava-selected

@@ -366,3 +366,24 @@ def test_schema_keys_at_their_default_leave_the_plan_hash_unchanged():
     assert plan_from_dict(d, "p.yaml").hash == h
     d["tasks"]["derm-vqa"]["stage2"] = {"optim": {"max_steps": 4}}
     assert plan_from_dict(d, "p.yaml").hash != h
+
+
+def test_head_to_head_compares_a_method_with_every_other_on_the_same_samples(sweep):
+    out, board = sweep[0], sweep[1]
+    h2h = build_leaderboard(out, log=lambda m: None, head_to_head="fairllava")
+    rows = {r["method"]: r for r in h2h["rows"]}
+    assert "vs_focus" not in rows["lora"] and "vs_focus" not in rows["fairllava"]
+    eff = rows["reweight"]["vs_focus"]
+    m = rows["reweight"]["primary_metric"]
+    per = lambda r: r["metrics"][m]["signed_gap"]["per_seed"]  # noqa: E731
+    want = np.mean(np.array(per(rows["fairllava"])) - np.array(per(rows["reweight"])))
+    assert eff["focus"] == "fairllava" and eff["signed_gap"]["value"] == pytest.approx(want, abs=1e-9)
+    assert eff["signed_gap"]["p_value"] is None or 0 <= eff["signed_gap"]["p_value"] <= 1
+    # the primary family and verdicts do not change: head to head is secondary
+    assert [r.get("holm_p") for r in h2h["rows"]] == [r.get("holm_p") for r in board["rows"]]
+    from fairllava.benchmark.report import write_leaderboard
+
+    write_leaderboard(h2h, out / "h2h")
+    assert "| fairllava vs |" in (out / "h2h" / "leaderboard.md").read_text()
+    with pytest.raises(FairllavaError, match="--head-to-head nope: not a method of plan smoke"):
+        build_leaderboard(out, log=lambda m: None, head_to_head="nope")

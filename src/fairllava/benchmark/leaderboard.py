@@ -58,12 +58,19 @@ def _direction(card: dict, attribute: str) -> tuple[str, str]:
     return next(c for c in classes if c != minority), minority
 
 
-def build_leaderboard(out: str | Path, log: Callable[[str], None] = print) -> dict:
-    """Aggregate the finished runs of a results folder into the leaderboard dict (``leaderboard.json``)."""
+def build_leaderboard(out: str | Path, log: Callable[[str], None] = print, head_to_head: Optional[str] = None) -> dict:
+    """Aggregate the finished runs of a results folder into the leaderboard dict (``leaderboard.json``).
+
+    ``head_to_head``: a method (run name) compared directly with every other non-baseline method of each cell
+    (``vs_focus`` on the other rows: the focus method's gap reduction relative to that method, paired on the same
+    test samples; secondary, unadjusted p), which answers "does it beat the alternatives", not only "lora"."""
     from .verdict import apply_family
 
     out = Path(out)
     plan = load_folder_plan(out)
+    if head_to_head is not None and head_to_head not in plan.method_variants():
+        raise FairllavaError(f"--head-to-head {head_to_head}: not a method of plan {plan.name} "
+                             f"({', '.join(plan.method_variants())})")
     identity = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
     ok, corrupt, missing = scan_runs(plan, out)
     for c in corrupt:
@@ -122,6 +129,21 @@ def build_leaderboard(out: str | Path, log: Callable[[str], None] = print) -> di
             if plan.audit.enabled:
                 row["leakage"] = _leakage([s.folder(out) / "audit" / "audit.json" for s in steps])
             rows.append(row)
+        focus = {s.seed: s for s in by_variant.get(head_to_head, [])} if head_to_head else {}
+        for row in rows:
+            if not focus or (row["task"], row["strength"], row["split"]) != (task, strength, split) or \
+                    row["method"] in (head_to_head, plan.baseline):
+                continue
+            common = [s for s in sorted(by_variant[row["method"]], key=lambda s: s.seed) if s.seed in focus]
+            if not common:
+                continue
+            m = plan.primary_metric(task)
+            kw = dict(n_boot=ev.n_boot, n_perm=ev.n_perm, seed=0, level=ev.level,
+                      key=f"{task}/{strength}/{split}/{row['method']}/vs/{head_to_head}")
+            other = [seed_data(s)[0] for s in common]
+            mine = [seed_data(focus[s.seed])[0] for s in common]
+            row["vs_focus"] = {"focus": head_to_head, "seeds": [s.seed for s in common], "metric": m,
+                               **{q: paired_effect(other, mine, m, q, direction, **kw) for q in ("signed_gap", "overall")}}
     board = {"version": LEADERBOARD_VERSION, "plan_name": plan.name, "plan_hash": identity["plan_hash"],
              "code": identity["code"], "plan": identity["plan"], "baseline": plan.baseline,
              "final_split": final_split(plan), "alpha": ev.alpha,

@@ -44,6 +44,10 @@ def cells(board: dict) -> list[tuple[str, float, str]]:
     return seen
 
 
+def _neg(ci):
+    return None if ci is None else [-ci[1], -ci[0]]
+
+
 def cell_table(board: dict, task: str, strength: float, split: str) -> Table:
     from .stats import SIGNATURE
 
@@ -119,6 +123,16 @@ def _blocks(board: dict, figures: dict[str, bytes], markdown: bool) -> list:
     for task, strength, split in cells(board):
         blocks += [Heading(f"{task}, S = {strength:g}, {split} split"), cell_table(board, task, strength, split)]
         rows = cell_rows(board, task, strength, split)
+        h2h = [r for r in rows if r.get("vs_focus")]
+        if h2h:
+            f, m = h2h[0]["vs_focus"]["focus"], h2h[0]["vs_focus"]["metric"]
+            blocks.append(Table([f"{f} vs", "seeds", f"gap reduction of {f} ({m}, points)", "p (unadjusted, secondary)",
+                                 f"overall {m}: {f} − other"],
+                                [[r["method"], len(r["vs_focus"]["seeds"]),
+                                  _v({"value": None if r["vs_focus"]["signed_gap"]["value"] is None
+                                      else -r["vs_focus"]["signed_gap"]["value"],
+                                      "ci": _neg(r["vs_focus"]["signed_gap"]["ci"])}),
+                                  _p(r["vs_focus"]["signed_gap"]["p_value"]), _v(r["vs_focus"]["overall"])] for r in h2h]))
         metrics = [m for m in rows[0]["metrics"] if m not in (rows[0]["primary_metric"], SIGNATURE)]
         if metrics:
             adv, dis = rows[0]["direction"]["advantaged"], rows[0]["direction"]["disadvantaged"]

@@ -73,13 +73,15 @@ def report_cmd(
                                          "of different tasks) make one leaderboard with one primary family."),
     to: Optional[Path] = typer.Option(None, "--to", help="Folder for the leaderboard files (default: the results "
                                       "folder; required with several)."),
+    head_to_head: Optional[str] = typer.Option(None, "--head-to-head", help="Also compare this method directly "
+                                               "with every other non-baseline method (secondary, unadjusted)."),
 ) -> None:
     """Leaderboard (markdown, CSV, HTML with plots, JSON) from the finished runs of a results folder."""
     from ..errors import FairllavaError
 
     if len(results) > 1 and to is None:
         raise FairllavaError("benchmark report: several results folders need --to (where the combined leaderboard goes)")
-    _report(results, to or results[0])
+    _report(results, to or results[0], head_to_head)
 
 
 @benchmark_app.command("power")
@@ -120,13 +122,13 @@ def power_cmd(
         typer.echo(power_markdown(power_table(board, t, seeds=S, n_per_cell=N, family_size=family_size)))
 
 
-def _report(results, to: Path) -> None:
+def _report(results, to: Path, head_to_head: Optional[str] = None) -> None:
     from ..benchmark.leaderboard import build_leaderboard, combine_leaderboards
     from ..benchmark.report import write_leaderboard
     from ..benchmark.runner import load_folder_plan
 
     folders = [results] if isinstance(results, Path) else list(results)
-    board = combine_leaderboards([build_leaderboard(f, log=_log) for f in folders],
+    board = combine_leaderboards([build_leaderboard(f, log=_log, head_to_head=head_to_head) for f in folders],
                                  [load_folder_plan(f) for f in folders])
     files = write_leaderboard(board, to)
     for r in board["rows"]:
