@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from fairllava.benchmark.leaderboard import build_leaderboard
-from fairllava.benchmark.manifest import read_done, write_done
+from fairllava.benchmark.manifest import check_done, read_done, write_done
 from fairllava.benchmark.plan import load_plan, plan_from_dict
 from fairllava.benchmark.report import FILES
 from fairllava.benchmark.runner import run_sweep
@@ -387,3 +387,27 @@ def test_head_to_head_compares_a_method_with_every_other_on_the_same_samples(swe
     assert "| fairllava vs |" in (out / "h2h" / "leaderboard.md").read_text()
     with pytest.raises(FairllavaError, match="--head-to-head nope: not a method of plan smoke"):
         build_leaderboard(out, log=lambda m: None, head_to_head="nope")
+
+
+def test_a_run_with_an_earlier_runs_exact_settings_is_copied_not_retrained(tmp_path):
+    """Equal trial budgets make the tuned baseline repeat the shared settings: that run is the baseline's own."""
+    d = _plan_dict()
+    d["tasks"]["derm-vqa"]["seeds"]["test"] = [2]
+    shared_lr = d["training"]["stage2"]["optim"]["lr"]
+    d["methods"] = {"lora": {"method": "lora"},
+                    "lora-tuned": {"method": "lora", "trials": [{"optim": {"lr": shared_lr}}, {"optim": {"lr": 3e-3}}]}}
+    d["audit"] = {"enabled": False}
+    plan = plan_from_dict(d, "twins.yaml")
+    from fairllava.benchmark.runner import dependencies, plan_steps, twin_of
+
+    steps = {s.variant: s for s in plan_steps(plan) if s.kind == "run"}
+    assert twin_of(plan, steps["lora-tuned-t0"]) == steps["lora"] and twin_of(plan, steps["lora-tuned-t1"]) is None
+    assert steps["lora"] in dependencies(plan, steps["lora-tuned-t0"])
+    out = tmp_path / "out"
+    _sweep(out, plan)
+    a, b, c = (steps[v].folder(out) for v in ("lora", "lora-tuned-t0", "lora-tuned-t1"))
+    assert read_done(b)["twin_of"] == steps["lora"].id and "twin_of" not in read_done(c)
+    for f in ("train/adapter_model.safetensors", "generate/predictions.jsonl"):
+        assert (a / f).read_bytes() == (b / f).read_bytes()
+    assert (a / "train/adapter_model.safetensors").read_bytes() != (c / "train/adapter_model.safetensors").read_bytes()
+    assert (b / "evaluate" / "metrics.json").is_file() and check_done(b)[0] == "ok"

@@ -94,8 +94,37 @@ def dependencies(plan: Plan, step: Step) -> list[Step]:
         return []
     if step.kind == "stage1":
         return [Step("base", step.task, step.seed), Step("data", step.task, step.seed, plan.training.stage1_strength)]
-    return [Step("stage1", step.task, step.seed), Step("data", step.task, step.seed, step.strength),
+    deps = [Step("stage1", step.task, step.seed), Step("data", step.task, step.seed, step.strength),
             Step("base", step.task, step.seed)]
+    twin = twin_of(plan, step)
+    return deps + ([twin] if twin is not None else [])
+
+
+def twin_of(plan: Plan, step: Step) -> Optional[Step]:
+    """An earlier run of the same (task, seed, strength, split) with exactly this run's stage-2 settings, or None.
+
+    Why: a selection gives the baseline the same trial budget as every method, so one of its trials repeats the
+    shared settings, i.e. the `lora` run itself. Such a run is not trained and decoded twice: its ``train/`` and
+    ``generate/`` are copied from the twin (its DONE.json names it); evaluation and the audit run as for any run.
+    """
+    if step.kind != "run":
+        return None
+    cache = plan.__dict__.setdefault("_twins", {})  # the sweep loop asks for dependencies many times a second
+    if step not in cache:
+        from .configs import stage2_config
+
+        def key(variant: str) -> str:
+            return json.dumps(stage2_config(plan, step.task, step.seed, variant, "BASE", "DATA", "RUN", "PROJECTOR"),
+                              sort_keys=True, default=str)
+
+        mine, cache[step] = key(step.variant), None
+        for v in plan.method_variants():
+            if v == step.variant:
+                break
+            if key(v) == mine:
+                cache[step] = Step("run", step.task, step.seed, step.strength, v, step.split)
+                break
+    return cache[step]
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -192,6 +221,12 @@ def _run(plan: Plan, out: Path, step: Step, progress: bool) -> dict:
     cfg = stage2_config(plan, step.task, step.seed, step.variant, str(base), str(data), str(folder / "train"),
                         str(projector))
     cfg["logging"]["progress"] = progress and cfg["logging"].get("progress", True)
+    twin = twin_of(plan, step)
+    if twin is not None:
+        for part in ("train", "generate"):
+            if not (folder / part).is_dir():
+                with atomic_dir(folder / part, overwrite=True) as tmp:
+                    shutil.copytree(twin.folder(out) / part, tmp, dirs_exist_ok=True)
     t0 = time.perf_counter()
     _train(cfg, folder / "train")
     seconds = {"train": round(time.perf_counter() - t0, 1)}
@@ -216,7 +251,7 @@ def _run(plan: Plan, out: Path, step: Step, progress: bool) -> dict:
         run_leakage_audit(plan, step, *loaded, data, records, folder / "audit", progress)
         seconds["audit"] = round(time.perf_counter() - t0, 1)
     del loaded
-    return {"seconds_by_part": seconds}
+    return {"seconds_by_part": seconds, **({"twin_of": twin.id} if twin is not None else {})}
 
 
 def _evaluate(plan: Plan, step: Step, data: Path, preds: Path, folder: Path) -> None:
