@@ -411,3 +411,11 @@ def test_a_run_with_an_earlier_runs_exact_settings_is_copied_not_retrained(tmp_p
         assert (a / f).read_bytes() == (b / f).read_bytes()
     assert (a / "train/adapter_model.safetensors").read_bytes() != (c / "train/adapter_model.safetensors").read_bytes()
     assert (b / "evaluate" / "metrics.json").is_file() and check_done(b)[0] == "ok"
+    # the source changed after the copy (a corrupt source is re-run): the copy is redone from the new source
+    with open(a / "generate" / "predictions.jsonl", "a") as f:
+        f.write("\n")
+    _, logs = _sweep(out, plan)
+    assert any(str(a) in m and "re-running" in m for m in logs)
+    assert any(str(b) in m and "its twin" in m for m in logs), logs
+    assert read_done(b)["twin_of"] == steps["lora"].id and check_done(b)[0] == "ok"
+    assert (a / "generate/predictions.jsonl").read_bytes() == (b / "generate/predictions.jsonl").read_bytes()

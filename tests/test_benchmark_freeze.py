@@ -132,7 +132,7 @@ def test_check_reads_a_results_folder_and_refuses_a_partial_selection_or_other_s
     folder = tmp_path / "selection"
     folder.mkdir()
     (folder / "benchmark.json").write_text(json.dumps({"plan": sel.to_dict()}))
-    board = {**_board(sel, CHOSEN), "partial": False, "runs": {"finished": 38, "total": 38}}
+    board = {**_board(sel, CHOSEN), "partial": False, "runs": {"finished": 38, "total": 38}, "plan_hash": sel.hash}
     (folder / "leaderboard.json").write_text(json.dumps(board))
     final = tmp_path / "final.yaml"
     final.write_text(yaml.safe_dump(_final(sel)))
@@ -152,6 +152,9 @@ def test_check_reads_a_results_folder_and_refuses_a_partial_selection_or_other_s
                                                          "runs": {"finished": 30, "total": 38}}))
     with pytest.raises(FairllavaError, match="partial \\(30 of 38 runs\\)"):
         check_frozen(plan_from_dict(_final(sel), "final.yaml"), [folder])
+    (folder / "leaderboard.json").write_text(json.dumps({**board, "plan_hash": "0123"}))
+    with pytest.raises(FairllavaError, match="leaderboard.json was made for plan 0123"):
+        check_frozen(plan_from_dict(_final(sel), "final.yaml"), [folder])
 
 
 def test_task_settings_are_per_task_and_never_with_trials():
@@ -164,3 +167,29 @@ def test_task_settings_are_per_task_and_never_with_trials():
     d["methods"]["erasure"]["trials"] = [{}]
     with pytest.raises(FairllavaError, match="methods.erasure: task_settings and trials together"):
         plan_from_dict(d, "final.yaml")
+
+
+def test_a_final_method_the_selection_cannot_vouch_for_fails():
+    sel = _selection()
+    # the tuned baseline's entry kept in the final plan: its choice went to `lora`, so this one is unchecked
+    d = _final(sel)
+    d["methods"]["lora-tuned"] = {"method": "erasure"}
+    assert ("lora-tuned", "trial", "tuned in the selection, but no chosen trial maps to this final method") in \
+        _bad(_check(d, sel))
+    # a leaderboard whose selection section lacks a tuned method
+    board = _board(sel, CHOSEN)
+    del board["selection"]["derm-vqa"]["adversarial"]
+    rows = frozen_check(plan_from_dict(_final(sel), "final.yaml"), [(sel, board)])
+    assert ("adversarial", "trial", "tuned in the selection, but no chosen trial maps to this final method") in _bad(rows)
+    # a method absent from the selection is only allowed as the paper's estimator block, unchanged
+    d = _final(sel)
+    d["methods"]["fairllava-paper"] = {"method": "lora"}
+    assert ("fairllava-paper", "method", "method with no selection budget") in _bad(_check(d, sel))
+    d = _final(sel)
+    d["methods"]["fairllava-paper"]["fairness_preset"] = "padchest"
+    assert ("fairllava-paper", "method", "method with no selection budget") in _bad(_check(d, sel))
+    d = _final(sel)
+    d["methods"]["adversarial"]["trials"] = [{}]
+    d["methods"]["adversarial"].pop("task_settings")
+    with pytest.raises(FairllavaError, match="methods.adversarial.trials: a final plan runs one setting per method"):
+        _check(d, sel)

@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import FairllavaError
-from .configs import stage1_config, stage2_config
+from .configs import PAPER_FAIRNESS_PRESET, stage1_config, stage2_config
 from .plan import Plan
 
 _MISSING = "<unset>"
 # Run-specific paths and seeds: they differ between any two plans or runs and say nothing about the settings.
 _IGNORED = {("model", "path"), ("model", "projector_path"), ("data", "train"), ("data", "image_root"),
             ("output_dir",), ("optim", "seed"), ("fairness", "seed")}
-# Data settings that are not settings of the compared methods (the evaluated split's size).
-_DATA_FREE = {"n_val_per_cell", "n_test_per_cell"}
+# Data settings that are not settings of the compared methods (the evaluated split's size; where the IU files are).
+_DATA_FREE = {"n_val_per_cell", "n_test_per_cell", "iu_data_dir"}
 
 
 def _leaves(d: Any, prefix: tuple = ()) -> dict[tuple, Any]:
@@ -75,6 +75,10 @@ def frozen_check(final: Plan, selections: list[tuple[Plan, dict]]) -> list[dict]
         rows.append({"task": task, "method": method, "chosen": chosen, "setting": setting, "selected": want,
                      "final": have, "what": what, "ok": want == have if ok is None else ok})
 
+    if any(m.trials for m in final.methods.values()):
+        name = next(n for n, m in final.methods.items() if m.trials)
+        raise FairllavaError(f"{final.source}: methods.{name}.trials: a final plan runs one setting per method; write "
+                             "the chosen trial into task_settings")
     covered = set()
     for sel, board in selections:
         base_kind = sel.methods[sel.baseline].method
@@ -85,11 +89,16 @@ def frozen_check(final: Plan, selections: list[tuple[Plan, dict]]) -> list[dict]
                 continue
             _shared(final, sel, task, add)
             chosen_of: dict[str, tuple[str, Optional[str]]] = {}  # final method -> (selection entry, chosen variant)
+            no_choice: set = set()
+            tuned_baselines = [e for e in choices if sel.methods[e].method == base_kind and e != sel.baseline]
+            if len(tuned_baselines) > 1:
+                raise FairllavaError(f"selection {sel.name}: {len(tuned_baselines)} tuned entries of the baseline's "
+                                     f"method ({', '.join(tuned_baselines)}); the baseline rule needs exactly one")
             for entry, info in choices.items():
-                tuned_baseline = sel.methods[entry].method == base_kind and entry != sel.baseline
-                target = final.baseline if tuned_baseline else entry
+                target = final.baseline if entry in tuned_baselines else entry
                 if info.get("chosen") is None:
                     add(task, target, None, "trial", "a chosen trial", _MISSING, info.get("reason", "no choice"))
+                    no_choice.add(target)
                     continue
                 if target not in final.methods:
                     add(task, target, info["chosen"], "method", target, _MISSING, "method missing from the final plan")
@@ -107,11 +116,19 @@ def frozen_check(final: Plan, selections: list[tuple[Plan, dict]]) -> list[dict]
                     own = set(_leaves(sel.method_variants()[variant][1] or {}))
                 elif method in sel.methods and not sel.methods[method].trials:
                     want, label, own = _stage2(sel, task, method), "(not tuned)", set()
-                elif method not in sel.methods:  # nothing was selected for it: it runs with its defaults
-                    want, label, own = _stage2(_with_method(sel, method, final.methods[method]), task, method), \
-                        "(not tuned)", set()
+                elif method not in sel.methods:  # nothing was selected for it: only the paper's block, unchanged
+                    spec = final.methods[method]
+                    if spec.method != "fairllava" or (spec.fairness_preset or PAPER_FAIRNESS_PRESET) != PAPER_FAIRNESS_PRESET:
+                        add(task, method, "-", "method", "a method of the selection, or the paper's estimator "
+                            f"(fairllava, preset {PAPER_FAIRNESS_PRESET})", f"{spec.method} "
+                            f"(preset {spec.fairness_preset})", "method with no selection budget")
+                        continue
+                    want, label, own = _stage2(_with_method(sel, method, spec), task, method), "(not tuned)", set()
                 else:
-                    continue  # a tuned entry without a choice: reported above
+                    if method not in no_choice:
+                        add(task, method, "-", "trial", "a chosen trial", _MISSING,
+                            "tuned in the selection, but no chosen trial maps to this final method")
+                    continue
                 want = {**want, **{p: v for p, v in rule.items() if p not in own or method == final.baseline}}
                 _rows(task, method, want, _stage2(final, task, method),
                       "chosen settings" if method in chosen_of else "settings (baseline rule applied)", add, label)
@@ -165,6 +182,9 @@ def load_selection(folder: str | Path) -> tuple[Plan, dict]:
     if not (folder / "leaderboard.json").is_file():
         raise FairllavaError(f"{folder}: no leaderboard.json (run `fairllava benchmark report {folder}` first)")
     plan, board = load_folder_plan(folder), read_leaderboard(folder)
+    if board.get("plan_hash") != plan.hash:
+        raise FairllavaError(f"{folder}: leaderboard.json was made for plan {board.get('plan_hash')}, the folder's plan "
+                             f"is {plan.hash}; rebuild it with `fairllava benchmark report {folder}`")
     if board.get("partial"):
         raise FairllavaError(f"{folder}: the selection leaderboard is partial ({board['runs']['finished']} of "
                              f"{board['runs']['total']} runs); finish the selection before freezing the final plan")

@@ -187,7 +187,8 @@ def combine_leaderboards(boards: list[dict], plans: list[Plan]) -> dict:
     board = {**first, "plan_name": " + ".join(b["plan_name"] for b in boards),
              "plan_hash": " + ".join(b["plan_hash"] for b in boards), "plan": plan_dict, "rows": rows,
              "sources": [{"plan_name": b["plan_name"], "plan_hash": b["plan_hash"], "code": b["code"],
-                          "plan": b["plan"], "runs": b["runs"], "partial": b["partial"]} for b in boards],
+                          "plan": b["plan"], "runs": b["runs"],
+                          "partial": bool(b["runs"]["missing"] or b["runs"]["corrupt"])} for b in boards],
              # a source is partial by its own runs or because its family lacked the other tasks, which are now in
              "partial": any(b["runs"]["missing"] or b["runs"]["corrupt"] for b in boards),
              "runs": {k: sum(b["runs"][k] for b in boards) for k in ("finished", "missing", "corrupt", "total")},
@@ -195,6 +196,7 @@ def combine_leaderboards(boards: list[dict], plans: list[Plan]) -> dict:
              "selection": {t: v for b in boards for t, v in (b.get("selection") or {}).items()}}
     merged = copy.copy(p0)
     merged.methods = {k: v for p in plans for k, v in p.methods.items()}
+    merged.tasks = {k: v for p in plans for k, v in p.tasks.items()}
     apply_family(board, merged)
     return board
 

@@ -100,9 +100,14 @@ def headline_markdown(board: dict, title: Optional[str] = None) -> str:
 
 
 def provenance(board: dict) -> str:
-    part = (f" **Partial**: {board['runs']['finished']} of {board['runs']['total']} runs finished"
-            + (f", {board['runs']['corrupt']} corrupt (left out)" if board["runs"]["corrupt"] else "") + "."
-            if board["partial"] else "")
+    runs, missing = board["runs"], (board.get("family") or {}).get("missing_tasks") or []
+    part = ""
+    if runs["missing"] or runs["corrupt"]:
+        part += (f" **Partial**: {runs['finished']} of {runs['total']} runs finished"
+                 + (f", {runs['corrupt']} corrupt (left out)" if runs["corrupt"] else "") + ".")
+    if board["partial"] and missing:
+        part += (f" **Partial**: the primary family also spans {', '.join(missing)}, not in this leaderboard "
+                 "(`fairllava benchmark report` with every task's results folder gives the declared family).")
     sources = board.get("sources") or [board]
     plans = "; ".join(
         f"plan `{s['plan_name']}` (hash {s['plan_hash']}), code commit `{str(s['code'].get('commit'))[:10]}` "

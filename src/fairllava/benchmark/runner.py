@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 from ..errors import FairllavaError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
-from .manifest import check_done, read_done, threads_env, write_done
+from .manifest import check_done, file_sha256, read_done, threads_env, write_done
 from .plan import EVAL_TASK, STATE_FILE, Plan, check_results_folder, folder_identity, plan_from_dict
 
 
@@ -222,11 +222,16 @@ def _run(plan: Plan, out: Path, step: Step, progress: bool) -> dict:
                         str(projector))
     cfg["logging"]["progress"] = progress and cfg["logging"].get("progress", True)
     twin = twin_of(plan, step)
+    if twin is not None and check_done(twin.folder(out))[0] != "ok":
+        twin = None  # not finished (e.g. left out by --only) or corrupt: this run trains for itself
     if twin is not None:
-        for part in ("train", "generate"):
-            if not (folder / part).is_dir():
-                with atomic_dir(folder / part, overwrite=True) as tmp:
-                    shutil.copytree(twin.folder(out) / part, tmp, dirs_exist_ok=True)
+        parts = ("train", "generate")
+        if not all((folder / p).is_dir() for p in parts):  # both from one finished source, never a mix
+            for p in parts:
+                shutil.rmtree(folder / p, ignore_errors=True)
+            for p in parts:
+                with atomic_dir(folder / p, overwrite=True) as tmp:
+                    shutil.copytree(twin.folder(out) / p, tmp, dirs_exist_ok=True)
     t0 = time.perf_counter()
     _train(cfg, folder / "train")
     seconds = {"train": round(time.perf_counter() - t0, 1)}
@@ -251,7 +256,22 @@ def _run(plan: Plan, out: Path, step: Step, progress: bool) -> dict:
         run_leakage_audit(plan, step, *loaded, data, records, folder / "audit", progress)
         seconds["audit"] = round(time.perf_counter() - t0, 1)
     del loaded
-    return {"seconds_by_part": seconds, **({"twin_of": twin.id} if twin is not None else {})}
+    twin_info = ({"twin_of": twin.id, "twin_done_sha256": file_sha256(twin.folder(out) / "DONE.json")}
+                 if twin is not None else {})
+    return {"seconds_by_part": seconds, **twin_info}
+
+
+def _stale_twin(out: Path, step: Step) -> str:
+    """Why a finished copy of a twin run no longer matches its source ('' when it does or is no copy)."""
+    marker = read_done(step.folder(out))
+    src = marker.get("twin_of")
+    if not src:
+        return ""
+    if check_done(out / src)[0] != "ok":
+        return f"its twin {src} is not finished any more"
+    if file_sha256(out / src / "DONE.json") != marker.get("twin_done_sha256"):
+        return f"its twin {src} was re-run after the copy"
+    return ""
 
 
 def _evaluate(plan: Plan, step: Step, data: Path, preds: Path, folder: Path) -> None:
@@ -316,6 +336,9 @@ def run_sweep(plan: Plan, out: str | os.PathLike, *, jobs: int = 1, threads: Opt
     done, todo, corrupt = [], [], []
     for s in steps:
         state, why = check_done(s.folder(out))
+        if state == "ok" and s.kind == "run":
+            why = _stale_twin(out, s)
+            state = "corrupt" if why else state
         if state == "ok":
             done.append(s)
             continue

@@ -39,16 +39,18 @@ def apply_family(board: dict, plan) -> None:
                        "split": board["final_split"], "size": len(family),
                        "members": [f"{r['task']}/{r['method']}" for r in family], "correction": "holm",
                        "tasks": declared, "missing_tasks": missing}
-    if missing and plan.primary.family_tasks:  # the family is split over plans and not all of them are in
+    incomplete = bool(missing and plan.primary.family_tasks)  # split over plans, and not all of them are in
+    if incomplete:
         board["partial"] = True
+    # verdicts are provisional while the family's comparisons are not all in: a task missing, or runs missing
+    provisional = incomplete or bool(board.get("runs", {}).get("missing") or board.get("runs", {}).get("corrupt"))
     for r in board["rows"]:
         if r["vs_baseline"] is None:
             r["verdict"] = None
             continue
         base = next((b for b in board["rows"] if (b["task"], b["strength"], b["split"], b["method"]) ==
                      (r["task"], r["strength"], r["split"], board["baseline"])), None)
-        r["verdict"] = verdict(r, base, board["alpha"], member=r in family,
-                               provisional=bool(missing and plan.primary.family_tasks))
+        r["verdict"] = verdict(r, base, board["alpha"], member=r in family, provisional=provisional)
 
 
 def verdict(row: dict, base: Optional[dict], alpha: float, member: bool, provisional: bool = False) -> dict:
@@ -80,8 +82,8 @@ def verdict(row: dict, base: Optional[dict], alpha: float, member: bool, provisi
     if levelled:
         text += f"; levelled down ({adv} {_f(drop, sign=True)} points, below the {row['vs_baseline']['baseline']} CI)"
     if provisional and member:
-        text = ("PROVISIONAL (the primary family's other tasks are not in yet, so Holm covers fewer comparisons "
-                "than declared): " + text)
+        text = ("PROVISIONAL (not every comparison of the primary family is in yet, so Holm covers fewer than "
+                "declared): " + text)
     return {"label": label, "reduction": reduction, "reduction_ci": ci, "p": p, "adjusted": member,
             "levelled_down": levelled, "advantaged_change": drop, "provisional": provisional and member,
             "text": text}

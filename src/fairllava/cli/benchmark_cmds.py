@@ -134,6 +134,8 @@ def _report(results, to: Path, head_to_head: Optional[str] = None) -> None:
     for r in board["rows"]:
         if r.get("verdict") and r["verdict"]["adjusted"]:
             _log("  " + r["verdict"]["text"])
-    state = (f"partial: {board['runs']['finished']} of {board['runs']['total']} runs" if board["partial"]
-             else f"{board['runs']['finished']} runs")
+    missing = (board.get("family") or {}).get("missing_tasks") or []
+    state = (f"partial: {board['runs']['finished']} of {board['runs']['total']} runs"
+             + (f"; the primary family's {', '.join(missing)} not included" if missing and board["partial"] else "")
+             if board["partial"] else f"{board['runs']['finished']} runs")
     _log(f"leaderboard ({state}): {', '.join(str(f) for f in files.values())}")
