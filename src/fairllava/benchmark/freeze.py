@@ -63,6 +63,7 @@ def _stage2(plan: Plan, task: str, variant: str) -> dict[tuple, Any]:
 def _with_method(sel: Plan, name: str, spec) -> Plan:
     """The selection plan with one more method (the final plan's, without its per-task settings)."""
     p = copy.copy(sel)
+    p.__dict__.pop("_twins", None)  # runner.twin_of's cache belongs to the original's methods
     p.methods = {**sel.methods, name: dataclasses.replace(spec, settings={}, task_settings={}, trials=[])}
     return p
 

@@ -195,6 +195,7 @@ def combine_leaderboards(boards: list[dict], plans: list[Plan]) -> dict:
              "corrupt": [c for b in boards for c in b["corrupt"]],
              "selection": {t: v for b in boards for t, v in (b.get("selection") or {}).items()}}
     merged = copy.copy(p0)
+    merged.__dict__.pop("_twins", None)  # runner.twin_of's cache belongs to p0's methods
     merged.methods = {k: v for p in plans for k, v in p.methods.items()}
     merged.tasks = {k: v for p in plans for k, v in p.tasks.items()}
     apply_family(board, merged)
