@@ -193,3 +193,33 @@ def test_a_final_method_the_selection_cannot_vouch_for_fails():
     d["methods"]["adversarial"].pop("task_settings")
     with pytest.raises(FairllavaError, match="methods.adversarial.trials: a final plan runs one setting per method"):
         _check(d, sel)
+
+
+def test_the_selection_rule_smallest_gap_among_trials_within_two_points_of_the_baseline():
+    """docs/protocol.md section 3, computed by the leaderboard (fairllava.benchmark.leaderboard.selection_summary)."""
+    from fairllava.benchmark.leaderboard import selection_summary
+
+    sel = _selection()
+
+    def row(method, entry, overall, gap, seeds=(0, 1)):
+        m = {"overall": {"value": overall}, "signed_gap": {"value": gap}}
+        return {"task": "derm-vqa", "strength": 1.0, "split": "val", "method": method, "entry": entry,
+                "seeds": list(seeds), "metrics": {"accuracy": m}}
+
+    rows = [row("lora", "lora", 60.0, 15.0)]
+    picks = {  # entry: [(overall, gap) per trial], expected pick
+        "lora-tuned": ([(61.0, 14.0), (60.0, 15.0), (58.5, 12.0)], "lora-tuned-t2"),
+        "fairllava-selected": ([(59.0, 10.0), (57.0, 2.0), (58.5, 5.0)], "fairllava-selected-t2"),  # t1 levels down
+        "reweight": ([(58.0, 9.0), (62.0, 9.0), (50.0, 0.0)], "reweight-t0"),  # tie on the gap: the lower index
+        "resample": ([(40.0, 1.0), (41.0, 2.0), (42.0, 3.0)], None),  # none within 2 points
+        # closest to 0: a reversed disparity (-9) is not fairer than a smaller one (+4)
+        "adversarial": ([(60.0, 15.0), (60.0, -9.0), (60.0, 4.0)], "adversarial-t2"),
+    }
+    for entry, (trials, _) in picks.items():
+        rows += [row(f"{entry}-t{k}", entry, o, g) for k, (o, g) in enumerate(trials)]
+    rows += [row(f"erasure-t{k}", "erasure", 60.0, 1.0, seeds=(0,) if k == 2 else (0, 1)) for k in range(3)]
+    out = selection_summary({"rows": rows}, sel)["derm-vqa"]
+    for entry, (_, want) in picks.items():
+        assert out[entry]["chosen"] == want, (entry, out[entry])
+    assert out["fairllava-selected"]["settings"] == sel.method_variants()["fairllava-selected-t2"][1]
+    assert out["erasure"]["chosen"] is None and "every selection seed" in out["erasure"]["reason"]

@@ -203,7 +203,8 @@ def combine_leaderboards(boards: list[dict], plans: list[Plan]) -> dict:
 
 
 #: Selection rule (docs/protocol.md): eligible trials keep the pooled overall primary metric within this many
-#: points of the baseline's; among them the smallest pooled signed gap wins (ties: the lower trial index).
+#: points of the baseline's; among them the pooled signed gap closest to 0 wins (ties: the lower trial index):
+#: a trial that reverses the disparity is not fairer than one that removes it.
 SELECTION_MARGIN = 2.0
 
 
@@ -223,16 +224,18 @@ def selection_summary(board: dict, plan: Plan) -> dict:
             if not spec.trials:
                 continue
             trials = [r for r in rows if r["entry"] == entry]
-            if len(trials) < len(spec.trials):
-                out.setdefault(task, {})[entry] = {"chosen": None, "reason": "not every trial has finished"}
+            want_seeds = sorted(plan.seeds(task, "val"))
+            if len(trials) < len(spec.trials) or any(sorted(r["seeds"]) != want_seeds for r in trials + [base]):
+                out.setdefault(task, {})[entry] = {"chosen": None, "reason": "not every trial has finished on every "
+                                                   f"selection seed ({want_seeds})"}
                 continue
             ok = [r for r in trials if r["metrics"][m]["overall"]["value"] is not None
                   and r["metrics"][m]["signed_gap"]["value"] is not None and r["metrics"][m]["overall"]["value"] >= floor]
-            pick = min(ok, key=lambda r: (r["metrics"][m]["signed_gap"]["value"], r["method"])) if ok else None
+            pick = min(ok, key=lambda r: (abs(r["metrics"][m]["signed_gap"]["value"]), r["method"])) if ok else None
             out.setdefault(task, {})[entry] = {
                 "chosen": pick["method"] if pick else None,
                 "settings": plan.method_variants()[pick["method"]][1] if pick else None,
-                "reason": (f"smallest pooled signed {m} gap among {len(ok)} of {len(trials)} trials within "
+                "reason": (f"pooled signed {m} gap closest to 0 among {len(ok)} of {len(trials)} trials within "
                            f"{SELECTION_MARGIN:g} points of {plan.baseline}'s overall") if pick else
                           f"no trial within {SELECTION_MARGIN:g} points of {plan.baseline}'s overall {m}"}
     return out
