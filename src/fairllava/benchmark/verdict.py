@@ -71,8 +71,14 @@ def verdict(row: dict, base: Optional[dict], alpha: float, member: bool, provisi
         drop = row["vs_baseline"]["metrics"][m][f"group:{adv}"]["value"]
         levelled = bool(b_ci and mine is not None and mine < b_ci[0])
     ci = _neg_ci(eff["ci"])
-    gap_b = base["metrics"][m]["signed_gap"]["value"] if base else None
     gap_m = row["metrics"][m]["signed_gap"]["value"]
+    paired = sorted(row["vs_baseline"]["seeds"])
+    if base and sorted(base["seeds"]) == paired == sorted(row["seeds"]):
+        gap_b = base["metrics"][m]["signed_gap"]["value"]
+    elif sorted(row["seeds"]) == paired and gap_m is not None and eff["value"] is not None:
+        gap_b = gap_m - eff["value"]  # the baseline on the same seeds as the method (a partial board)
+    else:
+        gap_b = None
     p_name = "Holm-adjusted p" if member else "unadjusted p (not in the primary family)"
     rel = "not distinguishable from" if label == "not distinguishable" else f"{label} than"
     text = (f"{row['method']}: {rel} {row['vs_baseline']['baseline']} on {row['task']} (S = {row['strength']:g}, "
