@@ -119,7 +119,8 @@ def frozen_check(final: Plan, selections: list[tuple[Plan, dict]]) -> list[dict]
                     want, label, own = _stage2(sel, task, method), "(not tuned)", set()
                 elif method not in sel.methods:  # nothing was selected for it: only the paper's block, unchanged
                     spec = final.methods[method]
-                    if spec.method != "fairllava" or (spec.fairness_preset or PAPER_FAIRNESS_PRESET) != PAPER_FAIRNESS_PRESET:
+                    preset = spec.fairness_preset or PAPER_FAIRNESS_PRESET
+                    if spec.method != "fairllava" or preset != PAPER_FAIRNESS_PRESET:
                         add(task, method, "-", "method", "a method of the selection, or the paper's estimator "
                             f"(fairllava, preset {PAPER_FAIRNESS_PRESET})", f"{spec.method} "
                             f"(preset {spec.fairness_preset})", "method with no selection budget")
