@@ -53,10 +53,10 @@ gpu-check-tiny:
 # The pre-registered benchmark (docs/protocol.md): one final plan per task, each first checked against its
 # selection folder (the final plan must hold exactly the chosen settings), run or resumed (finished runs are never
 # redone), then one leaderboard over both with one primary family (leaderboard.{md,csv,html,json} + plots).
-BENCHMARK_OUT  ?= runs/benchmark-final
+BENCHMARK_OUT  ?= sweeps/final
 BENCHMARK_ARGS ?= --jobs 2 --threads-per-job 1
-SELECTION_DERM ?= runs/selection
-SELECTION_CXR  ?= runs/selection-cxr
+SELECTION_DERM ?= sweeps/selection
+SELECTION_CXR  ?= sweeps/selection-cxr
 benchmark-derm: $(STAMP)
 	$(VENV)/bin/fairllava benchmark check configs/benchmark/final-derm.yaml --against $(SELECTION_DERM)
 	$(VENV)/bin/fairllava benchmark run configs/benchmark/final-derm.yaml --out $(BENCHMARK_OUT)/derm-vqa $(BENCHMARK_ARGS)

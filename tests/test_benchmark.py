@@ -419,3 +419,52 @@ def test_a_run_with_an_earlier_runs_exact_settings_is_copied_not_retrained(tmp_p
     assert any(str(b) in m and "its twin" in m for m in logs), logs
     assert read_done(b)["twin_of"] == steps["lora"].id and check_done(b)[0] == "ok"
     assert (a / "generate/predictions.jsonl").read_bytes() == (b / "generate/predictions.jsonl").read_bytes()
+
+
+def _git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main", *args],
+                   cwd=cwd, check=True, capture_output=True)
+
+
+def test_a_committed_sweep_resumes_from_a_fresh_clone_without_its_bulky_files(sweep, tmp_path, monkeypatch):
+    """Sweeps span sessions on fresh machines, so the folder is committed as it grows: git leaves out the weights,
+    images and base model (its .gitignore); the clone keeps every finished run, rebuilds what a remaining run needs
+    bit for bit, and ends with the same leaderboard."""
+    import fairllava.benchmark.manifest as manifest
+
+    src, board_a = tmp_path / "repo", {k: v for k, v in sweep[1].items() if k != "code"}
+    shutil.copytree(sweep[0], src)
+    killed = sorted((src / "runs").glob("*/*/*/fairllava/test"))[0]  # killed after training, before its DONE.json
+    (killed / "DONE.json").unlink()
+    shutil.rmtree(killed / "evaluate")
+    _git(src, "init", "-q")
+    _git(src, "add", "-A")
+    _git(src, "commit", "-q", "-m", "sweep")
+    _git(tmp_path, "clone", "-q", str(src), "clone")
+    out = tmp_path / "clone"
+    assert not list(out.rglob("*.safetensors")) or all("stage1" in p.parts for p in out.rglob("*.safetensors"))
+    assert not list(out.glob("data/*/*/*/shortcut/images")) and not list(out.glob("base/*/*/model"))
+    assert (out / killed.relative_to(src) / "train" / "run.json").is_file()
+    monkeypatch.setattr(manifest, "_CODE", json.loads((out / "benchmark.json").read_text())["code"])
+    assert _board(out)["runs"]["finished"] == 5  # a finished run without its weights is still finished
+    res, logs = _sweep(out)
+    assert res.ran == [str(killed.relative_to(src))]
+    # the killed run needs its seed's base model and S1 data; S0's data is pruned too, but only stage 1 read it
+    assert sum("rebuilding" in m for m in logs) == 2, logs
+    assert _board(out) == board_a
+    # a rebuilt input that differs from the recorded one is an error, never a silent mix of inputs
+    task, strength, seed = Path(res.ran[0]).parts[1:4]
+    data = out / "data" / task / seed / strength
+    marker = json.loads((data / "DONE.json").read_text())
+    rel = next(r for r in marker["files"] if r.startswith("shortcut/images/"))
+    marker["files"][rel] = "0" * 64
+    (data / "DONE.json").write_text(json.dumps(marker))
+    for p in (data / "shortcut" / "images").rglob("*"):
+        if p.is_file():
+            p.unlink()
+    shutil.rmtree(res_dir := out / res.ran[0])
+    with pytest.raises(FairllavaError, match=f"{data}: rebuilt on this machine, {rel} differs"):
+        _sweep(out)
+    assert json.loads((data / "DONE.json").read_text()) == marker and not any(
+        p.is_file() for p in (data / "shortcut" / "images").rglob("*"))
+    assert not res_dir.exists()

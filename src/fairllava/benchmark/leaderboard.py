@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import FairllavaError
-from .manifest import check_done
+from .manifest import PRUNABLE, check_done, finished
 from .plan import Plan
 from .runner import Step, data_dir, load_folder_plan, plan_steps
 from .stats import SIGNATURE, load_seed, paired_effect, pooled, shortcut_target
@@ -42,8 +42,8 @@ def scan_runs(plan: Plan, out: Path) -> tuple[list[Step], list[dict], list[str]]
     for s in plan_steps(plan):
         if s.kind != "run":
             continue
-        state, why = check_done(s.folder(out))
-        if state == "ok":
+        state, why = check_done(s.folder(out), PRUNABLE["run"])
+        if finished(state):  # a committed run without its weights still holds every result
             ok.append(s)
         elif state == "corrupt":
             corrupt.append({"path": str(s.folder(out)), "reason": why})

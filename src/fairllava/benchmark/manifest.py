@@ -7,6 +7,7 @@ by path and re-run), never aggregated.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -21,6 +22,22 @@ DONE = "DONE.json"
 NOT_RESULT_CODE = ("cli", "report", "benchmark/leaderboard.py", "benchmark/report.py", "benchmark/stats.py",
                    "benchmark/power.py", "benchmark/freeze.py",
                    "benchmark/verdict.py", "progress.py", "demo.py")
+
+#: Files a finished step may lose and stay finished (state "pruned"), by step kind: a finished run's weights,
+#: which no later result reads, and bulky inputs that their step rebuilds bit for bit when a later step needs
+#: them (the runner checks the rebuilt hashes against the recorded ones). Why: a sweep spans sessions on fresh
+#: machines, so its folder is committed as it grows (SWEEP_GITIGNORE), and these files do not belong in git.
+PRUNABLE = {"run": ("train/*.safetensors",), "data": ("shortcut/images/*",), "base": ("model/*",)}
+#: Written into every results folder: git leaves out the prunable files and what no result needs.
+SWEEP_GITIGNORE = """# A sweep folder is committed as it grows (docs/benchmark.md). Left out: what a finished step may lose
+# (manifest.PRUNABLE: run weights; rendered images and a saved base, rebuilt and checked bit for bit when needed)
+# and what no result reads (worker logs, training checkpoints).
+runs/**/train/*.safetensors
+data/**/shortcut/images/
+base/**/model/
+logs/
+**/checkpoints/
+"""
 
 _CODE: Optional[dict] = None
 
@@ -49,8 +66,9 @@ def write_done(folder: Path, info: dict) -> dict:
     return marker
 
 
-def check_done(folder: Path) -> tuple[str, str]:
-    """``("missing" | "incomplete" | "ok" | "corrupt", reason)`` for a step folder."""
+def check_done(folder: Path, prunable: tuple[str, ...] = ()) -> tuple[str, str]:
+    """``("missing" | "incomplete" | "ok" | "pruned" | "corrupt", reason)`` for a step folder. "pruned": finished,
+    and every file it lacks matches one of ``prunable`` (PRUNABLE of its kind); every file it has is intact."""
     marker = folder / DONE
     if not marker.is_file():
         return ("incomplete", "no DONE.json") if folder.exists() else ("missing", "")
@@ -58,13 +76,25 @@ def check_done(folder: Path) -> tuple[str, str]:
         files = json.loads(marker.read_text(encoding="utf-8"))["files"]
     except (ValueError, KeyError, TypeError):
         return "corrupt", f"{marker.name} is unreadable"
+    pruned = 0
     for rel, digest in files.items():
         p = folder / rel
         if not p.is_file():
+            if any(fnmatch.fnmatchcase(rel, pat) for pat in prunable):
+                pruned += 1
+                continue
             return "corrupt", f"{rel} is missing"
         if file_sha256(p) != digest:
             return "corrupt", f"{rel} changed after the run finished"
-    return "ok", ""
+    return ("pruned", f"{pruned} prunable file(s) left out") if pruned else ("ok", "")
+
+
+def is_prunable(kind: str, rel: str) -> bool:
+    return any(fnmatch.fnmatchcase(rel, pat) for pat in PRUNABLE.get(kind, ()))
+
+
+def finished(state: str) -> bool:
+    return state in ("ok", "pruned")
 
 
 def read_done(folder: Path) -> dict:

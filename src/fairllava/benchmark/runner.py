@@ -11,6 +11,9 @@ small dependency graph of steps, each in its own folder with a ``DONE.json`` man
 
 A finished step is never redone; a corrupt one (files changed after DONE.json) is reported by path and
 re-run; an unfinished one continues (training from its last checkpoint, generation from its partial file).
+The folder is committed as it grows (its ``.gitignore`` leaves out the bulky files manifest.PRUNABLE names), so
+a fresh clone resumes it: a finished run without its weights stays finished, and a rendered benchmark or a base
+model that a remaining step needs is rebuilt and checked bit for bit against its recorded hashes.
 ``jobs > 1`` runs steps as worker subprocesses with ``threads`` CPU threads each; their output goes to
 ``logs/``. Every run's numbers depend on the thread count only through float rounding, which the
 manifest records.
@@ -29,7 +32,8 @@ from typing import Callable, Optional
 
 from ..errors import FairllavaError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
-from .manifest import check_done, file_sha256, read_done, threads_env, write_done
+from .manifest import (DONE, PRUNABLE, SWEEP_GITIGNORE, check_done, file_sha256, finished, is_prunable, read_done,
+                       threads_env, write_done)
 from .plan import EVAL_TASK, STATE_FILE, Plan, check_results_folder, folder_identity, plan_from_dict
 
 
@@ -130,6 +134,36 @@ def twin_of(plan: Plan, step: Step) -> Optional[Step]:
 # ---------------------------------------------------------------------------------------------- one step
 
 
+def step_state(out: Path, step: Step) -> tuple[str, str]:
+    """check_done with the step kind's prunable files; an external base model missing on this machine is pruned."""
+    folder = step.folder(out)
+    state, why = check_done(folder, PRUNABLE.get(step.kind, ()))
+    if state == "ok" and step.kind == "base":
+        marker = read_done(folder)
+        if marker.get("external") and not Path(marker["model_path"]).is_dir():
+            return "pruned", f"its model {marker['model_path']} is not on this machine"
+    return state, why
+
+
+def rebuild_pruned(plan: Plan, out: Path, step: Step, threads: int, progress: bool = True) -> None:
+    """Rebuild a pruned input step that a remaining step needs, and prove it equal to what the finished runs used:
+    its rebuilt files must hash as recorded (else they are removed again and this is an error)."""
+    folder = step.folder(out)
+    old = read_done(folder)
+    new = execute_step(plan, out, step, threads, progress)
+    if new["files"] != old["files"]:
+        diff = sorted(set(new["files"].items()) ^ set(old["files"].items()))[0][0]
+        for rel in new["files"]:
+            if is_prunable(step.kind, rel):
+                (folder / rel).unlink(missing_ok=True)
+        atomic_write_json(folder / DONE, old)
+        raise FairllavaError(f"{folder}: rebuilt on this machine, {diff} differs from the recorded file, so the "
+                             "finished runs of this folder used other inputs: finish the sweep on the machine kind "
+                             "that made it, or use a new --out")
+    if not old.get("external"):
+        atomic_write_json(folder / DONE, old)  # same files: keep the original record
+
+
 def base_model_path(out: Path, step_task: str, seed: int) -> Path:
     marker = read_done(out / Step("base", step_task, seed).id)
     return Path(marker["model_path"]) if marker.get("external") else out / Step("base", step_task, seed).id / "model"
@@ -215,6 +249,8 @@ def _run(plan: Plan, out: Path, step: Step, progress: bool) -> dict:
     from .configs import stage2_config
 
     folder = step.folder(out)
+    if (folder / "train" / "run.json").is_file() and not any((folder / "train").glob("*.safetensors")):
+        shutil.rmtree(folder)  # unfinished, and its weights were left out of a commit: it starts over
     base = base_model_path(out, step.task, step.seed)
     data = data_dir(out, step.task, step.seed, step.strength)
     projector = Step("stage1", step.task, step.seed).folder(out) / "train" / "projector.safetensors"
@@ -223,7 +259,7 @@ def _run(plan: Plan, out: Path, step: Step, progress: bool) -> dict:
     cfg["logging"]["progress"] = progress and cfg["logging"].get("progress", True)
     twin = twin_of(plan, step)
     if twin is not None and check_done(twin.folder(out))[0] != "ok":
-        twin = None  # not finished (e.g. left out by --only) or corrupt: this run trains for itself
+        twin = None  # not finished (e.g. left out by --only), corrupt or pruned: this run trains for itself
     if twin is not None:
         parts = ("train", "generate")
         if not all((folder / p).is_dir() for p in parts):  # both from one finished source, never a mix
@@ -267,7 +303,7 @@ def _stale_twin(out: Path, step: Step) -> str:
     src = marker.get("twin_of")
     if not src:
         return ""
-    if check_done(out / src)[0] != "ok":
+    if not finished(check_done(out / src, PRUNABLE["run"])[0]):
         return f"its twin {src} is not finished any more"
     if file_sha256(out / src / "DONE.json") != marker.get("twin_done_sha256"):
         return f"its twin {src} was re-run after the copy"
@@ -316,6 +352,8 @@ def prepare_folder(plan: Plan, out: Path, plan_text: Optional[str] = None) -> No
         if plan_text is not None:
             atomic_write_text(out / "plan.yaml", plan_text)
         atomic_write_json(out / STATE_FILE, folder_identity(plan))
+    if not (out / ".gitignore").is_file():
+        atomic_write_text(out / ".gitignore", SWEEP_GITIGNORE)
 
 
 def run_sweep(plan: Plan, out: str | os.PathLike, *, jobs: int = 1, threads: Optional[int] = None,
@@ -333,14 +371,15 @@ def run_sweep(plan: Plan, out: str | os.PathLike, *, jobs: int = 1, threads: Opt
         raise FairllavaError(f"--threads-per-job: expected >= 1, got {threads}")
     prepare_folder(plan, out, plan_text)
     steps = [s for s in plan_steps(plan) if only is None or only(s) or s.kind != "run"]
-    done, todo, corrupt = [], [], []
+    done, todo, corrupt, pruned = [], [], [], []
     for s in steps:
-        state, why = check_done(s.folder(out))
-        if state == "ok" and s.kind == "run":
-            why = _stale_twin(out, s)
-            state = "corrupt" if why else state
-        if state == "ok":
+        state, why = step_state(out, s)
+        if finished(state) and s.kind == "run" and _stale_twin(out, s):
+            state, why = "corrupt", _stale_twin(out, s)
+        if finished(state):
             done.append(s)
+            if state == "pruned" and s.kind != "run":
+                pruned.append(s)
             continue
         if state == "corrupt":
             log(f"corrupt run folder {s.folder(out)} ({why}): re-running it")
@@ -349,6 +388,10 @@ def run_sweep(plan: Plan, out: str | os.PathLike, *, jobs: int = 1, threads: Opt
         elif state == "incomplete":
             log(f"unfinished step {s.folder(out)}: continuing it")
         todo.append(s)
+    needed = {d for s in todo for d in dependencies(plan, s)}
+    for s in (s for s in pruned if s in needed):
+        log(f"rebuilding {s.folder(out)} for the steps still to run ({step_state(out, s)[1]})")
+        rebuild_pruned(plan, out, s, threads, progress)
     n_runs = sum(1 for s in steps if s.kind == "run")
     log(f"benchmark {plan.name}: {len(steps)} steps ({n_runs} runs), {len(done)} finished, {len(todo)} to do; "
         f"{jobs} job(s) x {threads} thread(s){' (more while fewer steps can run)' if adaptive else ''} -> {out}")
