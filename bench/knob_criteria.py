@@ -8,7 +8,7 @@ answer (derm: "melanoma"; cxr: a report with any pathology), per group and true 
 own predictions. Why: a gap criterion that fails because the baseline never gives that answer at all (it has
 not learned the task) calls for more training, not a stronger shortcut, and a gap alone cannot tell the two apart.
 
-    python bench/knob_criteria.py runs/knobs/leaderboard.json [--runs runs/knobs] [--markdown FILE]
+    python bench/knob_criteria.py sweeps/knobs/leaderboard.json [--runs sweeps/knobs] [--markdown FILE]
     # exit 1 when a criterion fails
 """
 from __future__ import annotations
