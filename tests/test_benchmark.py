@@ -426,6 +426,24 @@ def _git(cwd: Path, *args: str) -> None:
                    cwd=cwd, check=True, capture_output=True)
 
 
+def test_the_projects_gitignore_keeps_a_sweeps_runs():
+    """The root .gitignore once said `runs/`, which hid every sweeps/*/runs/ from git: committed sweeps were empty."""
+    repo = SMOKE.parents[2]
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    res = subprocess.run(["git", "-C", str(repo), "check-ignore", "sweeps/x/runs/t/S1/seed0/m/test/DONE.json",
+                          "sweeps/x/stage1/t/seed0/train/projector.safetensors"], capture_output=True)
+    assert res.returncode == 1, res.stdout  # 1: neither path is ignored
+
+
+def _clone_of(src: Path, tmp_path: Path) -> Path:
+    _git(src, "init", "-q")
+    _git(src, "add", "-A")
+    _git(src, "commit", "-q", "-m", "sweep")
+    _git(tmp_path, "clone", "-q", str(src), "clone")
+    return tmp_path / "clone"
+
+
 def test_a_committed_sweep_resumes_from_a_fresh_clone_without_its_bulky_files(sweep, tmp_path, monkeypatch):
     """Sweeps span sessions on fresh machines, so the folder is committed as it grows: git leaves out the weights,
     images and base model (its .gitignore); the clone keeps every finished run, rebuilds what a remaining run needs
@@ -434,37 +452,89 @@ def test_a_committed_sweep_resumes_from_a_fresh_clone_without_its_bulky_files(sw
 
     src, board_a = tmp_path / "repo", {k: v for k, v in sweep[1].items() if k != "code"}
     shutil.copytree(sweep[0], src)
-    killed = sorted((src / "runs").glob("*/*/*/fairllava/test"))[0]  # killed after training, before its DONE.json
-    (killed / "DONE.json").unlink()
-    shutil.rmtree(killed / "evaluate")
-    _git(src, "init", "-q")
-    _git(src, "add", "-A")
-    _git(src, "commit", "-q", "-m", "sweep")
-    _git(tmp_path, "clone", "-q", str(src), "clone")
-    out = tmp_path / "clone"
-    assert not list(out.rglob("*.safetensors")) or all("stage1" in p.parts for p in out.rglob("*.safetensors"))
+    (src / "data" / "derm-vqa" / "seed2" / "S1" / ".shortcut.x1.tmp").mkdir()  # an interrupted write's leftover
+    (src / "data" / "derm-vqa" / "seed2" / "S1" / ".shortcut.x1.tmp" / "a.png").write_bytes(b"png")
+    answered, unaudited = (src / "runs" / "derm-vqa" / "S1" / f"seed{k}" / "fairllava" / "test" for k in (2, 3))
+    for run in (answered, unaudited):  # killed after training (and answering), before the DONE.json
+        (run / "DONE.json").unlink()
+        shutil.rmtree(run / "evaluate")
+    shutil.rmtree(unaudited / "audit")
+    out = _clone_of(src, tmp_path)
+    assert all("stage1" in p.parts for p in out.rglob("*.safetensors")) and not list(out.rglob("*.tmp"))
     assert not list(out.glob("data/*/*/*/shortcut/images")) and not list(out.glob("base/*/*/model"))
-    assert (out / killed.relative_to(src) / "train" / "run.json").is_file()
     monkeypatch.setattr(manifest, "_CODE", json.loads((out / "benchmark.json").read_text())["code"])
-    assert _board(out)["runs"]["finished"] == 5  # a finished run without its weights is still finished
+    assert _board(out)["runs"]["finished"] == 4  # a finished run without its weights is still finished
     res, logs = _sweep(out)
-    assert res.ran == [str(killed.relative_to(src))]
-    # the killed run needs its seed's base model and S1 data; S0's data is pruned too, but only stage 1 read it
-    assert sum("rebuilding" in m for m in logs) == 2, logs
+    assert res.ran == [str(r.relative_to(src)) for r in (answered, unaudited)]
+    # the runs need both seeds' base models and S1 data; S0's data is pruned too, but only stage 1 read it
+    assert sum("rebuilding" in m for m in logs) == 4, logs
+    for d in ("data/derm-vqa/seed2/S1", "base/derm-vqa/seed3"):  # rebuilt, proven equal, original record kept
+        assert (out / d / "DONE.json").read_bytes() == (sweep[0] / d / "DONE.json").read_bytes()
+    assert not list((out / answered.relative_to(src) / "train").glob("*.safetensors"))  # answered: evaluated only
+    assert list((out / unaudited.relative_to(src) / "train").glob("*.safetensors"))  # its audit needed the model
     assert _board(out) == board_a
-    # a rebuilt input that differs from the recorded one is an error, never a silent mix of inputs
-    task, strength, seed = Path(res.ran[0]).parts[1:4]
-    data = out / "data" / task / seed / strength
+
+
+def test_a_rebuilt_or_damaged_input_of_finished_runs_must_reproduce_its_record(sweep, tmp_path, monkeypatch):
+    """Never a silent mix of inputs: a rebuilt input that differs is an error that leaves the folder as it was; a
+    damaged one is repaired only if it rebuilds to its recorded files; a damaged stage 1 is an error."""
+    import fairllava.benchmark.manifest as manifest
+
+    src = tmp_path / "repo"
+    shutil.copytree(sweep[0], src)
+    victim = src / "runs" / "derm-vqa" / "S1" / "seed2" / "lora" / "test"
+    shutil.rmtree(victim)
+    out = _clone_of(src, tmp_path)
+    monkeypatch.setattr(manifest, "_CODE", json.loads((out / "benchmark.json").read_text())["code"])
+    data = out / "data" / "derm-vqa" / "seed2" / "S1"
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
     marker = json.loads((data / "DONE.json").read_text())
     rel = next(r for r in marker["files"] if r.startswith("shortcut/images/"))
     marker["files"][rel] = "0" * 64
     (data / "DONE.json").write_text(json.dumps(marker))
-    for p in (data / "shortcut" / "images").rglob("*"):
-        if p.is_file():
-            p.unlink()
-    shutil.rmtree(res_dir := out / res.ran[0])
     with pytest.raises(FairllavaError, match=f"{data}: rebuilt on this machine, {rel} differs"):
         _sweep(out)
-    assert json.loads((data / "DONE.json").read_text()) == marker and not any(
-        p.is_file() for p in (data / "shortcut" / "images").rglob("*"))
-    assert not res_dir.exists()
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == {**before, data / "DONE.json":
+                                                                          json.dumps(marker).encode()}
+    assert not (out / victim.relative_to(src)).exists()
+    (data / "DONE.json").write_bytes(before[data / "DONE.json"])
+    # a damaged input of finished runs (seed 3's records edited) is rebuilt, proven equal and restored; no run redone
+    records = out / "data" / "derm-vqa" / "seed3" / "S1" / "shortcut" / "test.jsonl"
+    good = records.read_bytes()
+    records.write_text("{}\n")
+    res, logs = _sweep(out)
+    assert records.read_bytes() == good and res.ran == [str(victim.relative_to(src))]
+    stage1 = out / "stage1" / "derm-vqa" / "seed3" / "train" / "projector.safetensors"
+    stage1.write_bytes(b"x")
+    with pytest.raises(FairllavaError, match="finished runs were trained from it: restore it"):
+        _sweep(out)
+
+
+def test_an_embedded_base_must_be_the_model_its_runs_used(tmp_path, monkeypatch):
+    """The embedded base lives in the user's cache, outside the sweep: on resume it is built if missing and its
+    files must hash as the base step recorded them; a moved cache updates the record."""
+    import fairllava.models.embedded as embedded
+    from fairllava.benchmark.inputs import check_external_base, step_state
+    from fairllava.benchmark.runner import Step
+
+    plan = plan_from_dict({**_plan_dict(), "model": "embedded"}, "embedded.yaml")
+    step, out = Step("base", "derm-vqa", 2), tmp_path / "sweep"
+    cache = tmp_path / "cache" / "m"
+    cache.mkdir(parents=True)
+    (cache / "model.safetensors").write_bytes(b"weights")
+    recorded = {"model.safetensors": manifest_sha(cache / "model.safetensors")}
+    write_done(step.folder(out).mkdir(parents=True) or step.folder(out),
+               {"external": True, "model_path": str(tmp_path / "gone"), "model_files": recorded})
+    assert step_state(out, step)[0] == "pruned"
+    monkeypatch.setattr(embedded, "ensure_embedded_vlm", lambda image_size, seed: cache)
+    check_external_base(plan, out, step)
+    assert read_done(step.folder(out))["model_path"] == str(cache)
+    (cache / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(FairllavaError, match="differs from the one its runs used"):
+        check_external_base(plan, out, step)
+
+
+def manifest_sha(path: Path) -> str:
+    from fairllava.benchmark.manifest import file_sha256
+
+    return file_sha256(path)

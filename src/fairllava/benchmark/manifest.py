@@ -35,8 +35,12 @@ SWEEP_GITIGNORE = """# A sweep folder is committed as it grows (docs/benchmark.m
 runs/**/train/*.safetensors
 data/**/shortcut/images/
 base/**/model/
-logs/
+/logs/
 **/checkpoints/
+# leftovers of interrupted atomic writes (never hashed), and partial files of an unfinished step
+.*.tmp
+.*.old
+*.partial
 """
 
 _CODE: Optional[dict] = None
@@ -50,12 +54,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _leftover(part: str) -> bool:
+    """A temp or displaced folder/file of an interrupted atomic write (io.atomic_path / atomic_dir)."""
+    return part.startswith(".") and part.endswith((".tmp", ".old"))
+
+
 def folder_hashes(folder: Path) -> dict[str, str]:
-    """``relative path -> sha256`` of every file under ``folder`` except the marker itself."""
+    """``relative path -> sha256`` of every file under ``folder`` except the marker itself and the leftovers of
+    interrupted writes (which a kill can leave beside a step's real files)."""
     out = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != DONE and "__pycache__" not in p.parts:
-            out[p.relative_to(folder).as_posix()] = file_sha256(p)
+        rel = p.relative_to(folder)
+        if p.is_file() and p.name != DONE and "__pycache__" not in rel.parts and not any(map(_leftover, rel.parts)):
+            out[rel.as_posix()] = file_sha256(p)
     return out
 
 
@@ -87,10 +98,6 @@ def check_done(folder: Path, prunable: tuple[str, ...] = ()) -> tuple[str, str]:
         if file_sha256(p) != digest:
             return "corrupt", f"{rel} changed after the run finished"
     return ("pruned", f"{pruned} prunable file(s) left out") if pruned else ("ok", "")
-
-
-def is_prunable(kind: str, rel: str) -> bool:
-    return any(fnmatch.fnmatchcase(rel, pat) for pat in PRUNABLE.get(kind, ()))
 
 
 def finished(state: str) -> bool:

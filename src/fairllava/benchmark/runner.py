@@ -32,7 +32,8 @@ from typing import Callable, Optional
 
 from ..errors import FairllavaError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
-from .manifest import (DONE, PRUNABLE, SWEEP_GITIGNORE, check_done, file_sha256, finished, is_prunable, read_done,
+from .inputs import check_external_base, rebuild_input, step_state
+from .manifest import (PRUNABLE, SWEEP_GITIGNORE, check_done, file_sha256, finished, folder_hashes, read_done,
                        threads_env, write_done)
 from .plan import EVAL_TASK, STATE_FILE, Plan, check_results_folder, folder_identity, plan_from_dict
 
@@ -134,36 +135,6 @@ def twin_of(plan: Plan, step: Step) -> Optional[Step]:
 # ---------------------------------------------------------------------------------------------- one step
 
 
-def step_state(out: Path, step: Step) -> tuple[str, str]:
-    """check_done with the step kind's prunable files; an external base model missing on this machine is pruned."""
-    folder = step.folder(out)
-    state, why = check_done(folder, PRUNABLE.get(step.kind, ()))
-    if state == "ok" and step.kind == "base":
-        marker = read_done(folder)
-        if marker.get("external") and not Path(marker["model_path"]).is_dir():
-            return "pruned", f"its model {marker['model_path']} is not on this machine"
-    return state, why
-
-
-def rebuild_pruned(plan: Plan, out: Path, step: Step, threads: int, progress: bool = True) -> None:
-    """Rebuild a pruned input step that a remaining step needs, and prove it equal to what the finished runs used:
-    its rebuilt files must hash as recorded (else they are removed again and this is an error)."""
-    folder = step.folder(out)
-    old = read_done(folder)
-    new = execute_step(plan, out, step, threads, progress)
-    if new["files"] != old["files"]:
-        diff = sorted(set(new["files"].items()) ^ set(old["files"].items()))[0][0]
-        for rel in new["files"]:
-            if is_prunable(step.kind, rel):
-                (folder / rel).unlink(missing_ok=True)
-        atomic_write_json(folder / DONE, old)
-        raise FairllavaError(f"{folder}: rebuilt on this machine, {diff} differs from the recorded file, so the "
-                             "finished runs of this folder used other inputs: finish the sweep on the machine kind "
-                             "that made it, or use a new --out")
-    if not old.get("external"):
-        atomic_write_json(folder / DONE, old)  # same files: keep the original record
-
-
 def base_model_path(out: Path, step_task: str, seed: int) -> Path:
     marker = read_done(out / Step("base", step_task, seed).id)
     return Path(marker["model_path"]) if marker.get("external") else out / Step("base", step_task, seed).id / "model"
@@ -195,8 +166,8 @@ def _base(plan: Plan, out: Path, step: Step, progress: bool) -> dict:
         from ..models.embedded import ensure_embedded_vlm
 
         path = ensure_embedded_vlm(image_size=plan.tasks[step.task].data.image_size, seed=step.seed)
-        folder.mkdir(parents=True, exist_ok=True)
-        return {"external": True, "model_path": str(path)}
+        folder.mkdir(parents=True, exist_ok=True)  # the files a resumed sweep must find again (inputs.py)
+        return {"external": True, "model_path": str(path), "model_files": folder_hashes(path)}
     from ..models.tiny import save_tiny_llava
 
     with atomic_dir(folder / "model", overwrite=True) as tmp:
@@ -226,6 +197,8 @@ def _train(cfg_dict: dict, run_dir: Path) -> None:
     from ..training.trainer import train
 
     if not (run_dir / "run.json").is_file():
+        if run_dir.exists() and not (run_dir / "checkpoints").is_dir():
+            shutil.rmtree(run_dir)  # nothing to resume from (e.g. committed mid-way): start clean, no stale metrics
         train(TrainConfig.from_dict(cfg_dict), resume=run_dir.exists())
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final weights are at the top of run_dir
 
@@ -250,7 +223,9 @@ def _run(plan: Plan, out: Path, step: Step, progress: bool) -> dict:
 
     folder = step.folder(out)
     if (folder / "train" / "run.json").is_file() and not any((folder / "train").glob("*.safetensors")):
-        shutil.rmtree(folder)  # unfinished, and its weights were left out of a commit: it starts over
+        answered = (folder / "generate" / "predictions.jsonl").is_file()
+        if not answered or (plan.audit.enabled and not (folder / "audit" / "audit.json").is_file()):
+            shutil.rmtree(folder)  # unfinished, its weights left out of a commit, and it still needs them
     base = base_model_path(out, step.task, step.seed)
     data = data_dir(out, step.task, step.seed, step.strength)
     projector = Step("stage1", step.task, step.seed).folder(out) / "train" / "projector.safetensors"
@@ -352,8 +327,9 @@ def prepare_folder(plan: Plan, out: Path, plan_text: Optional[str] = None) -> No
         if plan_text is not None:
             atomic_write_text(out / "plan.yaml", plan_text)
         atomic_write_json(out / STATE_FILE, folder_identity(plan))
-    if not (out / ".gitignore").is_file():
-        atomic_write_text(out / ".gitignore", SWEEP_GITIGNORE)
+    ignore = out / ".gitignore"
+    if not ignore.is_file() or ignore.read_text(encoding="utf-8") != SWEEP_GITIGNORE:
+        atomic_write_text(ignore, SWEEP_GITIGNORE)
 
 
 def run_sweep(plan: Plan, out: str | os.PathLike, *, jobs: int = 1, threads: Optional[int] = None,
@@ -371,15 +347,21 @@ def run_sweep(plan: Plan, out: str | os.PathLike, *, jobs: int = 1, threads: Opt
         raise FairllavaError(f"--threads-per-job: expected >= 1, got {threads}")
     prepare_folder(plan, out, plan_text)
     steps = [s for s in plan_steps(plan) if only is None or only(s) or s.kind != "run"]
-    done, todo, corrupt, pruned = [], [], [], []
+    done, todo, corrupt, inputs = [], [], [], []
+    states = {s: step_state(out, s) for s in steps}
     for s in steps:
-        state, why = step_state(out, s)
+        state, why = states[s]
         if finished(state) and s.kind == "run" and _stale_twin(out, s):
             state, why = "corrupt", _stale_twin(out, s)
         if finished(state):
             done.append(s)
-            if state == "pruned" and s.kind != "run":
-                pruned.append(s)
+            if s.kind != "run":
+                inputs.append((s, state, why))
+            continue
+        if state == "corrupt" and s.kind != "run" and any(
+                finished(states[d][0]) and s in dependencies(plan, d) for d in steps):
+            done.append(s)  # finished runs were made from it: repaired below, provably unchanged, or an error
+            inputs.append((s, state, why))
             continue
         if state == "corrupt":
             log(f"corrupt run folder {s.folder(out)} ({why}): re-running it")
@@ -389,9 +371,12 @@ def run_sweep(plan: Plan, out: str | os.PathLike, *, jobs: int = 1, threads: Opt
             log(f"unfinished step {s.folder(out)}: continuing it")
         todo.append(s)
     needed = {d for s in todo for d in dependencies(plan, s)}
-    for s in (s for s in pruned if s in needed):
-        log(f"rebuilding {s.folder(out)} for the steps still to run ({step_state(out, s)[1]})")
-        rebuild_pruned(plan, out, s, threads, progress)
+    for s, state, why in inputs:
+        if state == "corrupt" or (state == "pruned" and s in needed):
+            log(f"rebuilding {s.folder(out)} ({why}); it must reproduce its recorded files")
+            rebuild_input(plan, out, s, threads, progress)
+        elif s in needed and s.kind == "base" and read_done(s.folder(out)).get("external"):
+            check_external_base(plan, out, s)
     n_runs = sum(1 for s in steps if s.kind == "run")
     log(f"benchmark {plan.name}: {len(steps)} steps ({n_runs} runs), {len(done)} finished, {len(todo)} to do; "
         f"{jobs} job(s) x {threads} thread(s){' (more while fewer steps can run)' if adaptive else ''} -> {out}")
