@@ -351,8 +351,9 @@ def run_sweep(plan: Plan, out: str | os.PathLike, *, jobs: int = 1, threads: Opt
     states = {s: step_state(out, s) for s in steps}
     for s in steps:
         state, why = states[s]
-        if finished(state) and s.kind == "run" and _stale_twin(out, s):
-            state, why = "corrupt", _stale_twin(out, s)
+        stale = _stale_twin(out, s) if finished(state) and s.kind == "run" else ""
+        if stale:  # checked once: it re-hashes the twin's DONE.json
+            state, why = "corrupt", stale
         if finished(state):
             done.append(s)
             if s.kind != "run":
