@@ -211,7 +211,8 @@ def test_the_selection_rule_smallest_gap_among_trials_within_two_points_of_the_b
         "lora-tuned": ([(61.0, 14.0), (60.0, 15.0), (58.5, 12.0)], "lora-tuned-t2"),
         "fairllava-selected": ([(59.0, 10.0), (57.0, 2.0), (58.5, 5.0)], "fairllava-selected-t2"),  # t1 levels down
         "reweight": ([(58.0, 9.0), (62.0, 9.0), (50.0, 0.0)], "reweight-t0"),  # tie on the gap: the lower index
-        "resample": ([(40.0, 1.0), (41.0, 2.0), (42.0, 3.0)], None),  # none within 2 points
+        # none within 2 points: the fallback takes the highest overall, not the smallest gap
+        "resample": ([(40.0, 1.0), (42.0, 3.0), (42.0, 2.0)], "resample-t1"),
         # closest to 0: a reversed disparity (-9) is not fairer than a smaller one (+4)
         "adversarial": ([(60.0, 15.0), (60.0, -9.0), (60.0, 4.0)], "adversarial-t2"),
     }
@@ -223,3 +224,5 @@ def test_the_selection_rule_smallest_gap_among_trials_within_two_points_of_the_b
         assert out[entry]["chosen"] == want, (entry, out[entry])
     assert out["fairllava-selected"]["settings"] == sel.method_variants()["fairllava-selected-t2"][1]
     assert out["erasure"]["chosen"] is None and "every selection seed" in out["erasure"]["reason"]
+    assert out["resample"]["eligible"] is False and "fallback" in out["resample"]["reason"]
+    assert all(out[e]["eligible"] for e in ("lora-tuned", "fairllava-selected", "reweight", "adversarial"))

@@ -204,7 +204,9 @@ def combine_leaderboards(boards: list[dict], plans: list[Plan]) -> dict:
 
 #: Selection rule (docs/protocol.md): eligible trials keep the pooled overall primary metric within this many
 #: points of the baseline's; among them the pooled signed gap closest to 0 wins (ties: the lower trial index):
-#: a trial that reverses the disparity is not fairer than one that removes it.
+#: a trial that reverses the disparity is not fairer than one that removes it. A method with no eligible trial
+#: still runs in the final plan, with its trial of the highest pooled overall (ties: the lower index), marked
+#: ``eligible: false`` so the report says so.
 SELECTION_MARGIN = 2.0
 
 
@@ -229,15 +231,21 @@ def selection_summary(board: dict, plan: Plan) -> dict:
                 out.setdefault(task, {})[entry] = {"chosen": None, "reason": "not every trial has finished on every "
                                                    f"selection seed ({want_seeds})"}
                 continue
-            ok = [r for r in trials if r["metrics"][m]["overall"]["value"] is not None
-                  and r["metrics"][m]["signed_gap"]["value"] is not None and r["metrics"][m]["overall"]["value"] >= floor]
-            pick = min(ok, key=lambda r: (abs(r["metrics"][m]["signed_gap"]["value"]), r["method"])) if ok else None
+            scored = [r for r in trials if r["metrics"][m]["overall"]["value"] is not None
+                      and r["metrics"][m]["signed_gap"]["value"] is not None]
+            ok = [r for r in scored if r["metrics"][m]["overall"]["value"] >= floor]
+            if ok:
+                pick = min(ok, key=lambda r: (abs(r["metrics"][m]["signed_gap"]["value"]), r["method"]))
+                reason = (f"pooled signed {m} gap closest to 0 among {len(ok)} of {len(trials)} trials within "
+                          f"{SELECTION_MARGIN:g} points of {plan.baseline}'s overall")
+            else:  # the fallback (protocol §3): every declared method is reported, so take its least harmful trial
+                pick = min(scored, key=lambda r: (-r["metrics"][m]["overall"]["value"], r["method"])) if scored else None
+                reason = (f"no trial within {SELECTION_MARGIN:g} points of {plan.baseline}'s overall {m}"
+                          + ("; fallback: the highest pooled overall" if pick else ""))
             out.setdefault(task, {})[entry] = {
                 "chosen": pick["method"] if pick else None,
                 "settings": plan.method_variants()[pick["method"]][1] if pick else None,
-                "reason": (f"pooled signed {m} gap closest to 0 among {len(ok)} of {len(trials)} trials within "
-                           f"{SELECTION_MARGIN:g} points of {plan.baseline}'s overall") if pick else
-                          f"no trial within {SELECTION_MARGIN:g} points of {plan.baseline}'s overall {m}"}
+                "eligible": bool(ok), "reason": reason}
     return out
 
 
