@@ -98,6 +98,29 @@ def test_power_follows_the_variance_model():
     assert res0["table"][0]["power"] == pytest.approx(norm.cdf(5.0 / se0 - norm.ppf(0.975)), rel=1e-12)
 
 
+def test_a_leaderboard_states_the_power_of_the_design_it_ran():
+    """Protocol §7: the final board prints the power of its own seeds x size, beside the verdicts."""
+    from fairllava.benchmark.power import design_power, design_power_text, power_table
+
+    def cell(v, se, tau2, S):
+        return {"value": v, "se": se, "tau2": tau2, "seeds": list(range(S))}
+
+    def row(method, vs):
+        return {"task": "derm-vqa", "strength": 1.0, "split": "test", "method": method, "primary_metric": "accuracy",
+                "seeds": [2, 3, 4], "metrics": {"accuracy": {"signed_gap": cell(10.0, 3.0, 4.0, 3)}}, "vs_baseline": vs}
+
+    board = {"plan": {"primary": {"strength": 1.0}, "tasks": {"derm-vqa": {"data": {"n_test_per_cell": 100}}}},
+             "baseline": "lora", "alpha": 0.05, "family": {"size": 6},
+             "rows": [row("lora", None), row("m", {"metrics": {"accuracy": {"signed_gap": cell(-2.0, 2.0, 1.0, 3)}}})]}
+    (res,) = design_power(board)
+    want = power_table(board, "derm-vqa", seeds=(3,), n_per_cell=(100,))["table"][0]["power"]
+    assert res["seeds"] == 3 and res["n_per_cell"] == 100 and res["power"] == want and 0 < want < 1
+    text = design_power_text(res)
+    assert f"power {100 * want:.0f} %" in text and "3 seeds × 100 per cell" in text and "α = 0.05 / 6" in text
+    board["rows"] = board["rows"][1:]  # no baseline row: nothing to say, and no error
+    assert design_power(board) == []
+
+
 def test_shortcut_target_is_the_tasks_label_also_at_s0():
     """At S = 0 the training probabilities are balanced; the signature must still measure the shortcut's label
     (a balanced card once made the cxr S = 0 column read "normal FPR")."""

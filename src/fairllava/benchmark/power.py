@@ -84,6 +84,35 @@ def power_table(board: dict, task: str, *, seeds: Sequence[int] = (3, 4, 5, 6, 8
             "n0_per_cell": n0, "variance_source": source, "alpha": a, "family_size": fam, "z": z, "table": table}
 
 
+def design_power(board: dict) -> list[dict]:
+    """Per task: the power of the design this leaderboard ran (its seeds and size per cell), from its own
+    variances. Why: protocol §7 sizes the final design from two selection seeds; the final board says what power
+    it actually had, so "not distinguishable" can be read as "cannot tell at this power", never as "no effect"."""
+    out = []
+    strength = float(board["plan"]["primary"]["strength"])
+    for task, spec in board["plan"]["tasks"].items():
+        base = next((r for r in board["rows"] if (r["task"], r["strength"], r["method"]) ==
+                     (task, strength, board["baseline"])), None)
+        if base is None or not base.get("seeds"):
+            continue
+        n = int(spec["data"]["n_val_per_cell" if base["split"] == "val" else "n_test_per_cell"])
+        try:
+            res = power_table(board, task, seeds=(len(base["seeds"]),), n_per_cell=(n,))
+        except FairllavaError:
+            continue
+        out.append({**res, **res["table"][0]})
+    return out
+
+
+def design_power_text(res: dict) -> str:
+    power = "undefined (no variance)" if res["power"] is None else f"{100 * res['power']:.0f} %"
+    return (f"{res['task']}: power {power} to detect a halving of the baseline's signed {res['metric']} gap "
+            f"({res['baseline_gap']:.1f} → {res['baseline_gap'] - res['effect']:.1f}) with this design "
+            f"({res['seeds']} seeds × {res['n_per_cell']} per cell; α = {res['alpha']:g} / {res['family_size']}, "
+            f"{'Student t, ' + str(res['seeds'] - 1) + ' df' if res['tau2'] > 0 else 'normal'} reference; "
+            f"variances from this leaderboard's {res['variance_source']})")
+
+
 def power_markdown(res: dict) -> str:
     seeds = sorted({r["seeds"] for r in res["table"]})
     ns = sorted({r["n_per_cell"] for r in res["table"]})

@@ -124,7 +124,10 @@ def _blocks(board: dict, figures: dict[str, bytes], markdown: bool) -> list:
     blocks: list = [Heading(f"Benchmark leaderboard: {board['plan_name']}", 1), Para(provenance(board))]
     verdicts = [r["verdict"]["text"] for r in board["rows"] if r.get("verdict") and r["verdict"]["adjusted"]]
     if verdicts:
+        from .power import design_power, design_power_text
+
         blocks += [Heading("Verdicts on the primary endpoint"), *[Para("- " + t) for t in verdicts]]
+        blocks += [Para("- " + design_power_text(res)) for res in design_power(board)]
     for task, strength, split in cells(board):
         blocks += [Heading(f"{task}, S = {strength:g}, {split} split"), cell_table(board, task, strength, split)]
         rows = cell_rows(board, task, strength, split)
