@@ -357,6 +357,54 @@ def test_a_family_split_over_plans_is_partial_and_provisional_until_every_task_i
         plan_from_dict(d, "final-cxr.yaml")
 
 
+def test_a_missing_comparison_never_makes_holm_milder_and_labels_keep_their_qualifiers(sweep):
+    from fairllava.benchmark.report import cell_table
+    from fairllava.benchmark.verdict import apply_family, verdict_label
+
+    plan = plan_from_dict(_plan_dict(), "plan.yaml")
+    pv = lambda r: r["vs_baseline"]["metrics"][r["primary_metric"]]["signed_gap"]["p_value"]  # noqa: E731
+
+    def fresh():  # the smoke board with chosen p-values, plus an S = 0 copy of a member (outside the family)
+        board = json.loads(json.dumps(sweep[1]))
+        for r in board["rows"]:
+            r.pop("holm_p", None)
+        members = [r for r in board["rows"] if in_family_row(board, r)]
+        for k, r in enumerate(members):
+            r["vs_baseline"]["metrics"][r["primary_metric"]]["signed_gap"]["p_value"] = 0.01 * (k + 1)
+        s0 = json.loads(json.dumps(members[0]))
+        s0["strength"] = 0.0
+        board["rows"].append(s0)
+        return board, members
+
+    def in_family_row(board, r):
+        from fairllava.benchmark.verdict import in_family
+        return in_family(board, plan, r)
+
+    board, members = fresh()
+    size = len(members)
+    assert size >= 2
+    # a member's runs not in yet: the others are still corrected for the declared family, and provisional
+    board["rows"] = [r for r in board["rows"] if r is not members[0]]
+    apply_family(board, plan)
+    assert board["family"]["size"] == size
+    for r in members[1:]:
+        assert r["verdict"]["provisional"] and verdict_label(r["verdict"]).endswith("(provisional)")
+    first = min(members[1:], key=pv)  # Holm's first step multiplies by the declared size
+    assert first["holm_p"] == pytest.approx(min(1.0, pv(first) * size), rel=1e-12)
+    table = cell_table(board, first["task"], first["strength"], first["split"])
+    assert any("(provisional)" in str(c) for row in table.rows for c in row)
+    # a member without a p counts as p = 1 in the correction and gets no adjusted p itself
+    board, members = fresh()
+    members[0]["vs_baseline"]["metrics"][members[0]["primary_metric"]]["signed_gap"]["p_value"] = None
+    apply_family(board, plan)
+    assert board["family"]["size"] == size and members[0]["holm_p"] is None
+    first = min(members[1:], key=pv)
+    assert first["holm_p"] == pytest.approx(min(1.0, pv(first) * size), rel=1e-12)
+    outside = [r for r in board["rows"] if r.get("verdict") and not r["verdict"]["adjusted"]]
+    assert outside  # the S = 0 rows
+    assert all("outside the primary family" in verdict_label(r["verdict"]) for r in outside)
+
+
 def test_schema_keys_at_their_default_leave_the_plan_hash_unchanged():
     d = _plan_dict()
     h = plan_from_dict(d, "p.yaml").hash

@@ -32,6 +32,7 @@ CHOSEN = {"lora-tuned": 1, "fairllava-selected": 2, "reweight": 0, "resample": 1
 def _final(sel, chosen=CHOSEN) -> dict:
     """final-derm.yaml holding ``chosen``, written the way its header says (the placeholder settings removed)."""
     d = yaml.safe_load((CONFIGS / "final-derm.yaml").read_text())
+    d["training"]["stage2"]["optim"]["lr"] = sel.training.stage2["optim"]["lr"]  # before the baseline rule
     for e, k in chosen.items():
         if e != "lora-tuned":
             d["methods"][e].pop("settings", None)
@@ -56,6 +57,15 @@ def test_a_final_plan_holding_the_choices_passes_and_every_method_is_compared_wh
                           "erasure", "(shared)", "(stage 1)"}
     assert all(n > 50 for m, n in whole.items() if m != "(shared)")  # the whole TrainConfig, not the trial's keys
     assert whole["(shared)"] >= 10
+
+
+def test_the_committed_final_plan_holds_the_committed_selections_choices():
+    """configs/benchmark/final-derm.yaml against sweeps/selection as committed (protocol §3)."""
+    folder = CONFIGS.parents[1] / "sweeps" / "selection"
+    rows = check_frozen(load_plan(CONFIGS / "final-derm.yaml"), [folder])
+    assert rows and all(r["ok"] for r in rows), frozen_markdown(rows, mismatches_only=True)
+    assert {r["method"] for r in rows} >= {"lora", "fairllava-paper", "fairllava-selected", "reweight", "resample",
+                                          "adversarial", "erasure"}
 
 
 @pytest.mark.parametrize("edit, method, setting, what", [

@@ -6,8 +6,8 @@ changed after its ``DONE.json`` is listed as corrupt, by path, and never aggrega
 
 Per row: overall and per-group values of the primary and secondary metrics, the signed gap (advantaged −
 disadvantaged; > 0 = the minority is worse off) and ES, the shortcut signature (minority false-positive rate
-of the shortcut label), each pooled over seeds with a CI; the paired effect vs the baseline with a
-permutation p-value, Holm-adjusted over the plan's primary family; the within-label leakage probe; a
+of the shortcut label), each pooled over seeds with a CI; the paired effect vs the baseline with the
+pooled paired test's two-sided p (``fairness.pool_paired``), Holm-adjusted over the plan's primary family; the within-label leakage probe; a
 computed verdict.
 """
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Optional
 
 from ..io import atomic_path, atomic_write_json, atomic_write_text
 from ..report.document import Figure, Heading, Para, Table
+from .verdict import verdict_label
 
 FILES = ("leaderboard.md", "leaderboard.csv", "leaderboard.html", "leaderboard.json")
 
@@ -69,7 +70,7 @@ def cell_table(board: dict, task: str, strength: float, split: str) -> Table:
                 "–" if not v else _v({"value": v["reduction"], "ci": v["reduction_ci"]}),
                 "–" if not v else (_p(v["p"]) + (" (Holm)" if v["adjusted"] else "")),
                 "baseline" if r["method"] == board["baseline"] else
-                ("–" if not v else v["label"] + (", levelled down" if v["levelled_down"] else ""))]
+                verdict_label(v)]
         if leak:
             lk = r.get("leakage") or {}
             line += [_num((lk.get("index0") or {}).get("within_label")),
@@ -204,7 +205,7 @@ def csv_text(board: dict) -> str:
     w.writerow(["task", "strength", "split", "method", "seeds", "metric", "overall", "overall_lo", "overall_hi",
                 "advantaged", "advantaged_value", "disadvantaged", "disadvantaged_value", "signed_gap", "gap_lo",
                 "gap_hi", "gap_p", "es", "effect_vs_baseline", "effect_lo", "effect_hi", "effect_p", "holm_p",
-                "verdict", "levelled_down"])
+                "verdict", "levelled_down", "in_primary_family", "provisional"])
     for r in board["rows"]:
         adv, dis = r["direction"]["advantaged"], r["direction"]["disadvantaged"]
         for m, c in r["metrics"].items():
@@ -217,7 +218,8 @@ def csv_text(board: dict) -> str:
                         c["groups"][dis]["value"], c["signed_gap"]["value"], *ci(c["signed_gap"]),
                         c["signed_gap"]["p_value"], c["es"]["value"], None if e is None else e["value"], *ci(e),
                         None if e is None else e["p_value"], r.get("holm_p") if primary else None,
-                        v["label"] if v else None, v["levelled_down"] if v else None])
+                        v["label"] if v else None, v["levelled_down"] if v else None,
+                        v["adjusted"] if v else None, v["provisional"] if v else None])
     return buf.getvalue()
 
 

@@ -3,8 +3,12 @@
 Why computed: a verdict typed by hand drifts from the numbers. The rule (docs/protocol.md):
 
 - endpoint: the signed gap of the task's primary metric; effect = gap reduction = gap(baseline) − gap(method),
-  pooled over seeds (paired, same test samples), with its CI and the permutation p-value;
-- family: every non-baseline method x task at the primary strength on the final split; Holm-adjusted;
+  pooled over seeds (paired, same test samples), with its CI and the two-sided p of the pooled random-effects
+  test (``fairness.pool_paired``: Student t reference when seeds disagree; per-seed permutation p's are kept
+  beside it);
+- family: every non-baseline method x task at the primary strength on the final split; Holm-adjusted over
+  every declared member of the tasks present, a member without a p counting as p = 1 (so a missing comparison
+  never makes the others' correction milder);
 - **better** if the adjusted p < alpha and the gap shrank, **worse** if adjusted p < alpha and it grew,
   otherwise **not distinguishable**;
 - **levelled down** when the gap shrank while the advantaged group's pooled value fell below the lower end of
@@ -30,20 +34,26 @@ def in_family(board: dict, plan, row: dict) -> bool:
 def apply_family(board: dict, plan) -> None:
     """Add ``holm_p`` (family members), ``effect`` and ``verdict`` to every non-baseline row, in place."""
     family = [r for r in board["rows"] if in_family(board, plan, r)]
-    adjusted = holm([r["vs_baseline"]["metrics"][r["primary_metric"]]["signed_gap"]["p_value"] for r in family])
-    for r, p in zip(family, adjusted):
-        r["holm_p"] = p
+    methods = plan.primary.methods or [m for m in plan.methods if m != plan.baseline]
+    present = {r["task"] for r in board["rows"] if r["strength"] == float(plan.primary.strength)
+               and r["split"] == board["final_split"]}
+    size = max(len(family), len(methods) * len(present))  # declared members of the tasks present
+    pvals = [r["vs_baseline"]["metrics"][r["primary_metric"]]["signed_gap"]["p_value"] for r in family]
+    adjusted = holm([1.0 if p is None else p for p in pvals] + [1.0] * (size - len(family)))
+    for r, p, a in zip(family, pvals, adjusted):
+        r["holm_p"] = None if p is None else a
     declared = plan.primary.family_tasks or list(plan.tasks)
     missing = [t for t in declared if t not in {r["task"] for r in board["rows"]}]
     board["family"] = {"endpoint": "signed gap of each task's primary metric", "strength": float(plan.primary.strength),
-                       "split": board["final_split"], "size": len(family),
+                       "split": board["final_split"], "size": size, "with_p": sum(p is not None for p in pvals),
                        "members": [f"{r['task']}/{r['method']}" for r in family], "correction": "holm",
                        "tasks": declared, "missing_tasks": missing}
     incomplete = bool(missing and plan.primary.family_tasks)  # split over plans, and not all of them are in
     if incomplete:
         board["partial"] = True
     # verdicts are provisional while the family's comparisons are not all in: a task missing, or runs missing
-    provisional = incomplete or bool(board.get("runs", {}).get("missing") or board.get("runs", {}).get("corrupt"))
+    provisional = (incomplete or size > len(family)
+                   or bool(board.get("runs", {}).get("missing") or board.get("runs", {}).get("corrupt")))
     for r in board["rows"]:
         if r["vs_baseline"] is None:
             r["verdict"] = None
@@ -93,6 +103,16 @@ def verdict(row: dict, base: Optional[dict], alpha: float, member: bool, provisi
     return {"label": label, "reduction": reduction, "reduction_ci": ci, "p": p, "adjusted": member,
             "levelled_down": levelled, "advantaged_change": drop, "provisional": provisional and member,
             "text": text}
+
+
+def verdict_label(v: Optional[dict]) -> str:
+    """The short label of a table cell or CSV row; it never drops what qualifies the verdict."""
+    if not v:
+        return "–"
+    label = v["label"] + (", levelled down" if v["levelled_down"] else "")
+    if not v["adjusted"]:
+        return label + " (outside the primary family, unadjusted)"
+    return label + (" (provisional)" if v["provisional"] else "")
 
 
 def _seeds(n: int) -> str:
