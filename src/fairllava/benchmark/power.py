@@ -108,7 +108,7 @@ def design_power_text(res: dict) -> str:
     power = "undefined (no variance)" if res["power"] is None else f"{100 * res['power']:.0f} %"
     return (f"{res['task']}: power {power} to detect a halving of the baseline's signed {res['metric']} gap "
             f"({res['baseline_gap']:.1f} → {res['baseline_gap'] - res['effect']:.1f}) with this design "
-            f"({res['seeds']} seeds × {res['n_per_cell']} per cell; α = {res['alpha']:g} / {res['family_size']}, "
+            f"({res['seeds']} seed{'' if res['seeds'] == 1 else 's'} × {res['n_per_cell']} per cell; α = {res['alpha']:g} / {res['family_size']}, "
             f"{'Student t, ' + str(res['seeds'] - 1) + ' df' if res['tau2'] > 0 else 'normal'} reference; "
             f"variances from this leaderboard's {res['variance_source']})")
 

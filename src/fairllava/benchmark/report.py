@@ -92,11 +92,18 @@ def headline_markdown(board: dict, title: Optional[str] = None) -> str:
     for task, strength, split in cells(board):
         blocks.append(Para(f"**{task}, S = {strength:g}, {split} split**"))
         blocks.append(cell_table(board, task, strength, split))
+    from .power import design_power, design_power_text
+
     lines = [r["verdict"]["text"] for r in board["rows"] if r.get("verdict")]
-    md = (f"{title}\n\n" if title else "") + render_markdown(blocks)
+    lines += [design_power_text(res) for res in design_power(board)] if lines else []
+    md = (f"{title}\n\n" if title else "")
+    if board.get("partial"):  # said first, not after the numbers
+        md += provenance(board) + "\n\n"
+    md += render_markdown(blocks)
     if lines:
         md += "\n" + "\n".join(f"- {t}" for t in lines) + "\n"
-    md += "\n" + provenance(board) + "\n"
+    if not board.get("partial"):
+        md += "\n" + provenance(board) + "\n"
     return md
 
 
