@@ -507,9 +507,11 @@ def test_a_committed_sweep_resumes_from_a_fresh_clone_without_its_bulky_files(sw
         (run / "DONE.json").unlink()
         shutil.rmtree(run / "evaluate")
     shutil.rmtree(unaudited / "audit")
+    assert list(src.glob("runs/*/*/*/*/*/audit/features/*.npz"))
     out = _clone_of(src, tmp_path)
     assert all("stage1" in p.parts for p in out.rglob("*.safetensors")) and not list(out.rglob("*.tmp"))
     assert not list(out.glob("data/*/*/*/shortcut/images")) and not list(out.glob("base/*/*/model"))
+    assert not list(out.glob("runs/*/*/*/*/*/audit/features"))  # the audit's cache: its audit.json is committed
     monkeypatch.setattr(manifest, "_CODE", json.loads((out / "benchmark.json").read_text())["code"])
     assert _board(out)["runs"]["finished"] == 4  # a finished run without its weights is still finished
     res, logs = _sweep(out)

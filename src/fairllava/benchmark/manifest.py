@@ -23,16 +23,18 @@ NOT_RESULT_CODE = ("cli", "report", "benchmark/leaderboard.py", "benchmark/repor
                    "benchmark/power.py", "benchmark/freeze.py",
                    "benchmark/verdict.py", "progress.py", "demo.py")
 
-#: Files a finished step may lose and stay finished (state "pruned"), by step kind: a finished run's weights,
-#: which no later result reads, and bulky inputs that their step rebuilds bit for bit when a later step needs
+#: Files a finished step may lose and stay finished (state "pruned"), by step kind: a finished run's weights
+#: and its audit's feature cache, which no later result reads, and bulky inputs that their step rebuilds bit for bit when a later step needs
 #: them (the runner checks the rebuilt hashes against the recorded ones). Why: a sweep spans sessions on fresh
 #: machines, so its folder is committed as it grows (SWEEP_GITIGNORE), and these files do not belong in git.
-PRUNABLE = {"run": ("train/*.safetensors",), "data": ("shortcut/images/*",), "base": ("model/*",)}
+PRUNABLE = {"run": ("train/*.safetensors", "audit/features/*"), "data": ("shortcut/images/*",), "base": ("model/*",)}
 #: Written into every results folder: git leaves out the prunable files and what no result needs.
 SWEEP_GITIGNORE = """# A sweep folder is committed as it grows (docs/benchmark.md). Left out: what a finished step may lose
-# (manifest.PRUNABLE: run weights; rendered images and a saved base, rebuilt and checked bit for bit when needed)
-# and what no result reads (worker logs, training checkpoints).
+# (manifest.PRUNABLE: run weights and the audit's cached features, ~3 MB a run, which only its audit.json
+# summarises; rendered images and a saved base, rebuilt and checked bit for bit when needed) and what no result
+# reads (worker logs, training checkpoints).
 runs/**/train/*.safetensors
+runs/**/audit/features/
 data/**/shortcut/images/
 base/**/model/
 /logs/
