@@ -405,6 +405,33 @@ def test_a_missing_comparison_never_makes_holm_milder_and_labels_keep_their_qual
     assert all("outside the primary family" in verdict_label(r["verdict"]) for r in outside)
 
 
+def test_report_writes_the_readme_block_from_the_leaderboard(sweep, tmp_path):
+    from typer.testing import CliRunner
+
+    from fairllava.benchmark.report import README_BEGIN, README_END
+    from fairllava.cli import app
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_BEGIN}\nold numbers\n{README_END}\n\nafter\n")
+    board_dir = tmp_path / "docs" / "results" / "final"
+    res = CliRunner().invoke(app, ["benchmark", "report", str(sweep[0]), "--to", str(board_dir),
+                                   "--update-readme", str(readme)])
+    assert res.exit_code == 0, res.output
+    text = readme.read_text()
+    block = text.split(README_BEGIN)[1].split(README_END)[0]
+    assert "old numbers" not in block and text.endswith(f"{README_END}\n\nafter\n")
+    board = json.loads((board_dir / "leaderboard.json").read_text())
+    verdicts = [r["verdict"]["text"] for r in board["rows"] if r.get("verdict") and r["verdict"]["adjusted"]]
+    assert verdicts and all(v in block for v in verdicts)
+    assert "](docs/results/final/leaderboard_derm-vqa.png)" in block and (board_dir / "leaderboard_derm-vqa.png").is_file()
+    assert "| lora |" in block and "power" in block
+    readme.write_text("# no markers\n")
+    res = CliRunner().invoke(app, ["benchmark", "report", str(sweep[0]), "--to", str(tmp_path / "b2"),
+                                   "--update-readme", str(readme)])
+    assert isinstance(res.exception, FairllavaError) and "missing the <!-- benchmark-results:begin -->" in str(
+        res.exception) and not (tmp_path / "b2").exists()
+
+
 def test_schema_keys_at_their_default_leave_the_plan_hash_unchanged():
     d = _plan_dict()
     h = plan_from_dict(d, "p.yaml").hash

@@ -75,13 +75,21 @@ def report_cmd(
                                       "folder; required with several)."),
     head_to_head: Optional[str] = typer.Option(None, "--head-to-head", help="Also compare this method directly "
                                                "with every other non-baseline method (secondary, unadjusted)."),
+    update_readme: Optional[Path] = typer.Option(None, "--update-readme", help="Also write the headline tables, "
+                                                 "verdicts and plots between this file's benchmark-results markers."),
 ) -> None:
     """Leaderboard (markdown, CSV, HTML with plots, JSON) from the finished runs of a results folder."""
     from ..errors import FairllavaError
 
     if len(results) > 1 and to is None:
         raise FairllavaError("benchmark report: several results folders need --to (where the combined leaderboard goes)")
-    _report(results, to or results[0], head_to_head)
+    if update_readme is not None:  # before any work: a README without the markers is an error, not a lost report
+        from ..benchmark.report import README_BEGIN, README_END
+
+        text = update_readme.read_text(encoding="utf-8") if update_readme.is_file() else ""
+        if README_BEGIN not in text or README_END not in text:
+            raise FairllavaError(f"{update_readme}: missing the {README_BEGIN} / {README_END} markers")
+    _report(results, to or results[0], head_to_head, update_readme)
 
 
 @benchmark_app.command("power")
@@ -122,7 +130,7 @@ def power_cmd(
         typer.echo(power_markdown(power_table(board, t, seeds=S, n_per_cell=N, family_size=family_size)))
 
 
-def _report(results, to: Path, head_to_head: Optional[str] = None) -> None:
+def _report(results, to: Path, head_to_head: Optional[str] = None, readme: Optional[Path] = None) -> None:
     from ..benchmark.leaderboard import build_leaderboard, combine_leaderboards
     from ..benchmark.report import write_leaderboard
     from ..benchmark.runner import load_folder_plan
@@ -139,3 +147,8 @@ def _report(results, to: Path, head_to_head: Optional[str] = None) -> None:
              + (f"; the primary family's {', '.join(missing)} not included" if missing and board["partial"] else "")
              if board["partial"] else f"{board['runs']['finished']} runs")
     _log(f"leaderboard ({state}): {', '.join(str(f) for f in files.values())}")
+    if readme is not None:
+        from ..benchmark.report import update_readme
+
+        update_readme(board, to, readme)
+        _log(f"{readme}: results block updated")
