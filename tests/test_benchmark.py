@@ -432,6 +432,26 @@ def test_report_writes_the_readme_block_from_the_leaderboard(sweep, tmp_path):
         res.exception) and not (tmp_path / "b2").exists()
 
 
+def test_the_fallback_family_is_applied_at_report_time_and_stated(sweep):
+    """Protocol §7: if power calls for the m = 2 family, the final plans stay as run; the report restricts it."""
+    from fairllava.benchmark.leaderboard import combine_leaderboards
+    from fairllava.benchmark.report import provenance
+
+    plan = plan_from_dict(_plan_dict(), "plan.yaml")
+    full = json.loads(json.dumps(sweep[1]))
+    pv = lambda r: r["vs_baseline"]["metrics"][r["primary_metric"]]["signed_gap"]["p_value"]  # noqa: E731
+    board = combine_leaderboards([json.loads(json.dumps(full))], [plan], primary_methods=["fairllava"])
+    members = [r for r in board["rows"] if "holm_p" in r]
+    assert {r["method"] for r in members} == {"fairllava"} and board["family"]["size"] == 1 < full["family"]["size"]
+    assert all(r["holm_p"] == pv(r) for r in members if pv(r) is not None)  # m = 1: unadjusted
+    assert not next(r for r in board["rows"] if r["method"] == "reweight")["verdict"]["adjusted"]
+    assert "restricted at report time to fairllava vs lora" in provenance(board)
+    with pytest.raises(FairllavaError, match="--primary-methods: 'lora' is not a non-baseline method"):
+        combine_leaderboards([json.loads(json.dumps(full))], [plan], primary_methods=["lora"])
+    with pytest.raises(FairllavaError, match="--primary-methods: '\\(none\\)'"):
+        combine_leaderboards([json.loads(json.dumps(full))], [plan], primary_methods=[])
+
+
 def test_schema_keys_at_their_default_leave_the_plan_hash_unchanged():
     d = _plan_dict()
     h = plan_from_dict(d, "p.yaml").hash

@@ -156,13 +156,16 @@ def build_leaderboard(out: str | Path, log: Callable[[str], None] = print, head_
     return board
 
 
-def combine_leaderboards(boards: list[dict], plans: list[Plan]) -> dict:
+def combine_leaderboards(boards: list[dict], plans: list[Plan], primary_methods: Optional[list] = None) -> dict:
     """One leaderboard from several results folders whose plans cover different tasks (e.g. one final plan per
     task, so a cheap task's final runs need not wait for an expensive task's selection), with ONE primary family
-    over all of them: Holm over every task's comparisons, as if it had been one plan (docs/protocol.md §5)."""
-    from .verdict import apply_family
+    over all of them: Holm over every task's comparisons, as if it had been one plan (docs/protocol.md §5).
+    ``primary_methods``: the §7 fallback family (``verdict.restrict_family``), stated on the board."""
+    from .verdict import apply_family, restrict_family
 
     if len(boards) == 1:
+        if primary_methods is not None:
+            restrict_family(boards[0], plans[0], primary_methods)
         return boards[0]
     first, p0 = boards[0], plans[0]
     for b, p in zip(boards[1:], plans[1:]):
@@ -199,6 +202,8 @@ def combine_leaderboards(boards: list[dict], plans: list[Plan]) -> dict:
     merged.methods = {k: v for p in plans for k, v in p.methods.items()}
     merged.tasks = {k: v for p in plans for k, v in p.tasks.items()}
     apply_family(board, merged)
+    if primary_methods is not None:
+        restrict_family(board, merged, primary_methods)
     return board
 
 

@@ -146,8 +146,12 @@ def provenance(board: dict) -> str:
         f"(code hash {s['code'].get('code_hash')}{', uncommitted changes' if s['code'].get('dirty') else ''})"
         + (f", partial: {s['runs']['finished']} of {s['runs']['total']} runs" if len(sources) > 1 and s["partial"] else "")
         for s in sources)
+    fam = board["family"]
+    restricted = (f" (restricted at report time to {', '.join(fam['restricted']['methods'])} vs "
+                  f"{board['baseline']}, from the declared {', '.join(fam['restricted']['declared'])}: protocol §7's "
+                  "fallback family)") if fam.get("restricted") else ""
     return (plans[0].upper() + plans[1:] + f"; primary family{' over all of them' if len(sources) > 1 else ''}: "
-            f"{board['family']['size']} comparisons, Holm-adjusted, alpha {board['alpha']}.{part}")
+            f"{fam['size']} comparisons{restricted}, Holm-adjusted, alpha {board['alpha']}.{part}")
 
 
 def _blocks(board: dict, figures: dict[str, bytes], markdown: bool) -> list:

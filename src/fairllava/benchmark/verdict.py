@@ -16,8 +16,11 @@ Why computed: a verdict typed by hand drifts from the numbers. The rule (docs/pr
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Optional
 
+from ..errors import FairllavaError
 from .stats import holm
 
 
@@ -61,6 +64,24 @@ def apply_family(board: dict, plan) -> None:
         base = next((b for b in board["rows"] if (b["task"], b["strength"], b["split"], b["method"]) ==
                      (r["task"], r["strength"], r["split"], board["baseline"])), None)
         r["verdict"] = verdict(r, base, board["alpha"], member=r in family, provisional=provisional)
+
+
+def restrict_family(board: dict, plan, methods: list[str]) -> None:
+    """Holm and verdicts over a smaller family than the plans declare (protocol §7's fallback, m = 2), applied at
+    report time: the final plans stay as run (their hash covers ``primary``), and the board says so."""
+    others = [m for m in plan.methods if m != plan.baseline]
+    bad = [m for m in methods if m not in others]
+    if bad or not methods:
+        raise FairllavaError(f"--primary-methods: {bad[0] if bad else '(none)'!r} is not a non-baseline method of "
+                             f"the plan(s) (expected some of {', '.join(others)})")
+    declared = plan.primary.methods or others
+    p = copy.copy(plan)
+    p.__dict__.pop("_twins", None)
+    p.primary = dataclasses.replace(plan.primary, methods=list(methods))
+    for r in board["rows"]:
+        r.pop("holm_p", None)
+    apply_family(board, p)
+    board["family"]["restricted"] = {"methods": list(methods), "declared": list(declared)}
 
 
 def verdict(row: dict, base: Optional[dict], alpha: float, member: bool, provisional: bool = False) -> dict:

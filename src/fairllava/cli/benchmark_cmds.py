@@ -77,6 +77,9 @@ def report_cmd(
                                                "with every other non-baseline method (secondary, unadjusted)."),
     update_readme: Optional[Path] = typer.Option(None, "--update-readme", help="Also write the headline tables, "
                                                  "verdicts and plots between this file's benchmark-results markers."),
+    primary_methods: Optional[str] = typer.Option(None, "--primary-methods", help="Comma-separated: Holm and the "
+                                                  "verdicts over these methods vs the baseline only (the protocol's "
+                                                  "§7 fallback family); the leaderboard says so."),
 ) -> None:
     """Leaderboard (markdown, CSV, HTML with plots, JSON) from the finished runs of a results folder."""
     from ..errors import FairllavaError
@@ -89,7 +92,8 @@ def report_cmd(
         text = update_readme.read_text(encoding="utf-8") if update_readme.is_file() else ""
         if README_BEGIN not in text or README_END not in text:
             raise FairllavaError(f"{update_readme}: missing the {README_BEGIN} / {README_END} markers")
-    _report(results, to or results[0], head_to_head, update_readme)
+    methods = [m.strip() for m in primary_methods.split(",") if m.strip()] if primary_methods is not None else None
+    _report(results, to or results[0], head_to_head, update_readme, methods)
 
 
 @benchmark_app.command("power")
@@ -130,14 +134,15 @@ def power_cmd(
         typer.echo(power_markdown(power_table(board, t, seeds=S, n_per_cell=N, family_size=family_size)))
 
 
-def _report(results, to: Path, head_to_head: Optional[str] = None, readme: Optional[Path] = None) -> None:
+def _report(results, to: Path, head_to_head: Optional[str] = None, readme: Optional[Path] = None,
+            primary_methods: Optional[list] = None) -> None:
     from ..benchmark.leaderboard import build_leaderboard, combine_leaderboards
     from ..benchmark.report import write_leaderboard
     from ..benchmark.runner import load_folder_plan
 
     folders = [results] if isinstance(results, Path) else list(results)
     board = combine_leaderboards([build_leaderboard(f, log=_log, head_to_head=head_to_head) for f in folders],
-                                 [load_folder_plan(f) for f in folders])
+                                 [load_folder_plan(f) for f in folders], primary_methods)
     files = write_leaderboard(board, to)
     for r in board["rows"]:
         if r.get("verdict") and r["verdict"]["adjusted"]:
