@@ -40,7 +40,8 @@ def apply_family(board: dict, plan) -> None:
     methods = plan.primary.methods or [m for m in plan.methods if m != plan.baseline]
     present = {r["task"] for r in board["rows"] if r["strength"] == float(plan.primary.strength)
                and r["split"] == board["final_split"]}
-    size = max(len(family), len(methods) * len(present))  # declared members of the tasks present
+    runs = [v for v, (entry, _) in plan.method_variants().items() if entry in methods]  # one per trial
+    size = max(len(family), len(runs) * len(present))  # declared members of the tasks present
     pvals = [r["vs_baseline"]["metrics"][r["primary_metric"]]["signed_gap"]["p_value"] for r in family]
     adjusted = holm([1.0 if p is None else p for p in pvals] + [1.0] * (size - len(family)))
     for r, p, a in zip(family, pvals, adjusted):
