@@ -327,6 +327,11 @@ def test_leaderboards_of_plans_for_different_tasks_combine_under_one_primary_fam
     d["methods"]["reweight"].pop("settings", None)
     with pytest.raises(FairllavaError, match="different baseline"):
         combine_leaderboards([board, other], [plan, plan_from_dict(d, "other.yaml")])
+    d = _plan_dict()
+    d["tasks"] = {"cxr-report": d["tasks"]["derm-vqa"]}
+    d["evaluation"]["n_perm"] = d["evaluation"].get("n_perm", 0) + 7  # other statistics: not one family
+    with pytest.raises(FairllavaError, match="different evaluation settings"):
+        combine_leaderboards([board, other], [plan, plan_from_dict(d, "other.yaml")])
 
 
 def test_a_family_split_over_plans_is_partial_and_provisional_until_every_task_is_in(sweep):

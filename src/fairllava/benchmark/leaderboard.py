@@ -173,7 +173,8 @@ def combine_leaderboards(boards: list[dict], plans: list[Plan], primary_methods:
                            ("primary strength", p.primary.strength, p0.primary.strength),
                            ("primary methods", p.primary.methods, p0.primary.methods),
                            ("primary family tasks", p.primary.family_tasks, p0.primary.family_tasks),
-                           ("alpha", b["alpha"], first["alpha"]), ("final split", b["final_split"], first["final_split"])):
+                           ("alpha", b["alpha"], first["alpha"]), ("final split", b["final_split"], first["final_split"]),
+                           ("evaluation settings", vars(p.evaluation), vars(p0.evaluation))):
             if x != y:
                 raise FairllavaError(f"plans {p0.name} and {p.name}: different {what} ({y!r} vs {x!r}); their "
                                      "leaderboards cannot share one primary family")
