@@ -430,6 +430,11 @@ def test_report_writes_the_readme_block_from_the_leaderboard(sweep, tmp_path):
     assert verdicts and all(v in block for v in verdicts)
     assert "](docs/results/final/leaderboard_derm-vqa.png)" in block and (board_dir / "leaderboard_derm-vqa.png").is_file()
     assert "| lora |" in block and "power" in block
+    partial = json.loads(json.dumps(board))
+    partial["runs"] = {**partial["runs"], "missing": 1, "finished": partial["runs"]["finished"] - 1}
+    from fairllava.benchmark.report import readme_block
+    status = readme_block(partial, board_dir, readme)
+    assert "Partial" in status and "| lora |" not in status and "No numbers here" in status
     readme.write_text("# no markers\n")
     res = CliRunner().invoke(app, ["benchmark", "report", str(sweep[0]), "--to", str(tmp_path / "b2"),
                                    "--update-readme", str(readme)])

@@ -113,10 +113,15 @@ README_END = "<!-- benchmark-results:end -->"
 
 def readme_block(board: dict, leaderboard_dir: str | Path, readme: str | Path) -> str:
     """The README's results block: the headline tables, verdicts, design power and one plot per task, linked
-    relative to the README, with the command that regenerates it. Why generated: numbers typed by hand drift."""
+    relative to the README, with the command that regenerates it. Why generated: numbers typed by hand drift.
+    While runs are missing it holds only the status line: a half-run sweep's numbers rest on too few seeds."""
     import os
 
     where = Path(os.path.relpath(Path(leaderboard_dir).resolve(), Path(readme).resolve().parent)).as_posix()
+    runs = board["runs"]
+    if runs["missing"] or runs["corrupt"]:  # no numbers in the README from a sweep that is still running
+        return (f"{provenance(board)}\n\nNo numbers here until every run of these sweeps has finished (the partial "
+                f"leaderboard: [{where}/leaderboard.md]({where}/leaderboard.md)).\n")
     md = headline_markdown(board)
     for task in dict.fromkeys(r["task"] for r in board["rows"]):
         md += f"\n![{task}: signed gap per method]({where}/leaderboard_{task}.png)\n"
