@@ -200,9 +200,12 @@ def _boot(q: _Quantity, n_boot: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _random_effects(values: Sequence[float], variances: Optional[Sequence[float]], level: float) -> dict:
-    """Mean over seeds with a random-effects SE (the estimator of ``fairness.pool_paired`` with independent
-    per-seed samples): ``τ²`` by moments, ``SE² = τ²/S + Σ σ_s² / S²``; normal CI and two-sided p for 0."""
+    """Mean over seeds with the random-effects SE of ``fairness.pool_paired`` (independent seeds: a diagonal
+    sampling covariance; ``τ²`` by moments, ``SE² = τ²/S + Σ σ_s² / S²``), but a **normal** CI and two-sided p
+    for 0, as protocol §6 declares for per-system values (the paired test keeps its t reference)."""
     from scipy.stats import norm
+
+    from ..fairness.pooling import random_effects
 
     v = np.asarray(values, dtype=np.float64)
     out = {"value": _f(np.mean(v)) if v.size else None, "ci": None, "se": None, "tau2": None, "p_value": None}
@@ -211,9 +214,8 @@ def _random_effects(values: Sequence[float], variances: Optional[Sequence[float]
     var = np.asarray(variances, dtype=np.float64)
     if not np.all(np.isfinite(var)):
         return out
-    S, mean = v.size, float(v.mean())
-    tau2 = max(0.0, (float(np.sum((v - mean) ** 2)) - float(var.sum()) * (1 - 1 / S)) / (S - 1)) if S > 1 else 0.0
-    se = float(np.sqrt(tau2 / S + var.sum() / S ** 2))
+    res = random_effects(v, np.diag(var), level, shared=False)
+    mean, se, tau2 = float(v.mean()), float(res["se"]), float(res["tau2"])
     z = float(norm.ppf((1 + level) / 2))
     out.update(ci=[mean - z * se, mean + z * se], se=se, tau2=tau2,
                p_value=_f(2 * norm.sf(abs(mean) / se)) if se > 0 else None)
