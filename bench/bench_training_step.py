@@ -12,7 +12,11 @@ hits them alike. A step is forward + backward + AdamW step on the trainable weig
 
 - "fp32, PEFT dropout" is the step before this work: fp32 weights, one Bernoulli mask per LoRA layer.
 - The limit: the step's matmul FLOPs (torch's FlopCounterMode: mm/bmm/addmm/conv/SDPA, forward and backward)
-  divided by this machine's measured bf16 matmul rate (a 2048^3 mm at the same thread count).
+  divided by this machine's measured matmul rate in the default compute dtype (a 2048^3 mm at the same thread
+  count): bf16 where the CPU has bf16 matmul, else fp32 (an emulated bf16 mm there runs at < 1 GFLOP/s).
+- On a CPU without bf16 matmul, ``auto`` is fp32, so the rows are labelled by what ``auto`` resolved to, and the
+  fp32 "before" setting is timed twice: the two rows differ only by noise.
+- Ratios are the median [min, max] of per-round paired ratios, so the noise of a shared VM is visible.
 - Memory on a CPU has no allocator peak counter, so "step memory" is what differs between methods: the bytes
   saved for backward (deduplicated by storage, via saved-tensor hooks) plus trainable weights, gradients and
   AdamW state (method heads included). Frozen weights are the same for every method and left out.
@@ -132,12 +136,12 @@ def matmul_flops(mod, opt, batch) -> float:
     return float(fc.get_total_flops())
 
 
-def bf16_matmul_rate(n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of an n^3 bf16 mm at the current thread count (median of reps)."""
+def matmul_rate(dtype, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of an n^3 mm in ``dtype`` at the current thread count (median of reps)."""
     import torch
 
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
     a @ b
     ts = []
     for _ in range(reps):
@@ -145,6 +149,15 @@ def bf16_matmul_rate(n: int = 2048, reps: int = 5) -> float:
         a @ b
         ts.append(time.perf_counter() - t)
     return 2 * n ** 3 / statistics.median(ts)
+
+
+def ratio_spread(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """Median and range of the per-round ratios num[r] / den[r].
+
+    Rounds interleave the settings, so one round's two steps met the same machine load; the spread of these
+    paired ratios is what this run can tell apart (a shared VM drifts by tens of percent between rounds)."""
+    r = sorted(a / b for a, b in zip(num, den))
+    return statistics.median(r), r[0], r[-1]
 
 
 def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None, attn_variants: bool = True) -> dict:
@@ -160,16 +173,22 @@ def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None, attn_v
     vocabs = shortcut_vocabs()
     ds = VLMDataset(data / "train.jsonl", data / "images", vocabs)
     items = [ds[i] for i in range(batch_size)]
+    import fairllava.models.precision as precision
+
+    auto = "bf16" if precision.resolve_dtype("auto", "cpu") == torch.bfloat16 else "fp32"
     variants = {  # name: (dtype, shared dropout, method, attention, fused LoRA forward)
         "fp32, PEFT dropout, sdpa (before)": ("float32", False, "lora", "sdpa", False),
-        "bf16, PEFT dropout, sdpa": ("auto", False, "lora", "sdpa", False),
-        "bf16, shared dropout, sdpa": ("auto", True, "lora", "sdpa", False),
-        "bf16, shared dropout, eager": ("auto", True, "lora", "auto", False),
-        "default (auto: bf16, shared, eager, fused)": ("auto", True, "lora", "auto", True),
+        f"{auto}, PEFT dropout, sdpa": ("auto", False, "lora", "sdpa", False),
+        f"{auto}, shared dropout, sdpa": ("auto", True, "lora", "sdpa", False),
+        f"{auto}, shared dropout, eager": ("auto", True, "lora", "auto", False),
+        f"default (auto: {auto}, shared, eager, fused)": ("auto", True, "lora", "auto", True),
         "default, fairllava (demo estimator)": ("auto", True, "fairllava", "auto", True),
     }
-    if attn_variants:
-        variants["fp32, PEFT dropout, eager"] = ("float32", False, "lora", "eager", False)
+    if auto == "fp32":  # the second row would repeat the first: time the same setting twice as a noise check
+        variants["fp32, PEFT dropout, sdpa (repeat: noise)"] = variants.pop("fp32, PEFT dropout, sdpa")
+        variants = {k: variants[k] for k in ["fp32, PEFT dropout, sdpa (before)",
+                                             "fp32, PEFT dropout, sdpa (repeat: noise)",
+                                             *[k for k in variants if "PEFT" not in k]]}
     built = {}
     for name, (dt, shared, method, attn, fused) in variants.items():
         mod, opt, proc, cdt = build(base, dt, shared, method, attn, fused)
@@ -183,24 +202,34 @@ def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None, attn_v
             if rep:
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    before = med["fp32, PEFT dropout, sdpa (before)"]
-    default = "default (auto: bf16, shared, eager, fused)"
+    before_key = "fp32, PEFT dropout, sdpa (before)"
+    before = med[before_key]
+    default = f"default (auto: {auto}, shared, eager, fused)"
+    fair = "default, fairllava (demo estimator)"
     T = built[default][2]["input_ids"].shape[1]
     print(f"threads={torch.get_num_threads()}  batch={batch_size}  T={T}  rounds={steps}  "
-          f"default dtype={built[default][3]}")
+          f"default dtype={built[default][3]}  (ratios: median [min, max] of the per-round paired ratios)")
+    speedups = {}
     for k in built:
-        print(f"{k:44s} {med[k]:6.3f} s/step   x{before / med[k]:.2f} vs fp32")
+        speedups[k] = ratio_spread(times[before_key], times[k])
+        m, lo, hi = speedups[k]
+        print(f"{k:44s} {med[k]:6.3f} s/step   x{m:.2f} [{lo:.2f}, {hi:.2f}] vs fp32")
     flops = matmul_flops(*built[default][:3])
-    rate = bf16_matmul_rate()
+    cdt = built[default][3]
+    rate = matmul_rate(cdt)
     limit = flops / rate
-    print(f"matmul FLOPs per step {flops / 1e9:.1f} GFLOP; bf16 mm rate here {rate / 1e9:.0f} GFLOP/s -> limit "
-          f"{limit:.3f} s/step; default step is {med[default] / limit:.1f}x the limit")
-    mem = {k: step_memory(*built[k][:3]) for k in (default, "default, fairllava (demo estimator)")}
-    fair = "default, fairllava (demo estimator)"
-    print(f"regulariser overhead: time x{med[fair] / med[default]:.3f}  step memory "
+    name = "bf16" if cdt == torch.bfloat16 else "fp32"
+    note = "" if name == "bf16" else " (no bf16 matmul on this CPU, so its limit is the fp32 rate)"
+    print(f"matmul FLOPs per step {flops / 1e9:.1f} GFLOP; {name} mm rate here {rate / 1e9:.1f} GFLOP/s -> limit "
+          f"{limit:.3f} s/step; default step is {med[default] / limit:.1f}x the limit{note}")
+    mem = {k: step_memory(*built[k][:3]) for k in (default, fair)}
+    over, olo, ohi = ratio_spread(times[fair], times[default])
+    print(f"regulariser overhead: time x{over:.3f} [{olo:.3f}, {ohi:.3f}]  step memory "
           f"{mem[default] / 2**20:.0f} -> {mem[fair] / 2**20:.0f} MiB (x{mem[fair] / mem[default]:.3f})")
-    return {"median_seconds": med, "speedup_vs_fp32": before / med[default], "flops": flops, "bf16_rate": rate,
-            "limit_seconds": limit, "overhead_time": med[fair] / med[default],
+    return {"median_seconds": med, "seconds": times, "default_dtype": name,
+            "speedup_vs_fp32": speedups[default][0], "speedup_vs_fp32_range": list(speedups[default][1:]),
+            "flops": flops, "matmul_rate": rate, "matmul_rate_dtype": name, "limit_seconds": limit,
+            "overhead_time": over, "overhead_time_range": [olo, ohi],
             "overhead_memory": mem[fair] / mem[default], "threads": torch.get_num_threads(), "T": int(T)}
 
 
@@ -232,8 +261,17 @@ def curves(steps: int, out_json: str | None, data_dir: str | None) -> dict:
     data = _data(400, data_dir)
     base = ensure_embedded_vlm(image_size=128, seed=0)
     tmp = Path(tempfile.mkdtemp(prefix="fairllava-curves-"))
+    import torch
+
+    from fairllava.models.precision import resolve_dtype
+
+    native_bf16 = resolve_dtype("auto", "cpu") == torch.bfloat16
+    # Without bf16 matmul, auto is fp32: default seed 0 would repeat fp32 seed 0 bit for bit on this machine, so
+    # the precision comparison is empty here and the run measures fp32's own seed-to-seed variation instead.
+    plan = ((("fp32_s0", "float32", 0), ("default_s0", "auto", 0), ("default_s1", "auto", 1)) if native_bf16
+            else (("fp32_s0", "float32", 0), ("fp32_s1", "float32", 1)))
     runs = {}
-    for name, dtype, seed in (("fp32_s0", "float32", 0), ("default_s0", "auto", 0), ("default_s1", "auto", 1)):
+    for name, dtype, seed in plan:
         t = time.perf_counter()
         runs[name] = _train_curve(base, data, tmp / name, dtype, seed, steps)
         print(f"{name}: {steps} steps in {time.perf_counter() - t:.0f} s, final loss {runs[name][-1]:.4f}", flush=True)
@@ -241,13 +279,21 @@ def curves(steps: int, out_json: str | None, data_dir: str | None) -> dict:
     def windows(x: list[float], w: int = 10) -> list[float]:
         return [sum(x[i:i + w]) / len(x[i:i + w]) for i in range(0, len(x), w)]
 
-    wp = [abs(a - b) for a, b in zip(windows(runs["fp32_s0"]), windows(runs["default_s0"]))]
-    ws = [abs(a - b) for a, b in zip(windows(runs["default_s0"]), windows(runs["default_s1"]))]
-    ok = max(wp) <= max(ws)
-    print(f"10-step window means: max |fp32 - default| (same seed) = {max(wp):.4f}; "
-          f"max |seed 0 - seed 1| (default) = {max(ws):.4f} -> {'PASS' if ok else 'FAIL'} "
-          "(precision must not move the curve more than a seed does)")
-    res = {"steps": steps, "losses": runs, "window_abs_diff_precision": wp, "window_abs_diff_seed": ws, "pass": ok}
+    res = {"steps": steps, "losses": runs, "default_dtype": "bf16" if native_bf16 else "fp32",
+           "window_means": {k: windows(v) for k, v in runs.items()}}
+    if not native_bf16:
+        ws = [abs(a - b) for a, b in zip(windows(runs["fp32_s0"]), windows(runs["fp32_s1"]))]
+        print(f"no bf16 matmul on this CPU (auto = fp32): no precision comparison; max |seed 0 - seed 1| (fp32) of "
+              f"10-step window means = {max(ws):.4f}; per window: {' '.join(f'{w:.3f}' for w in ws)}")
+        res.update({"window_abs_diff_seed_fp32": ws, "pass": None})
+    else:
+        wp = [abs(a - b) for a, b in zip(windows(runs["fp32_s0"]), windows(runs["default_s0"]))]
+        ws = [abs(a - b) for a, b in zip(windows(runs["default_s0"]), windows(runs["default_s1"]))]
+        ok = max(wp) <= max(ws)
+        print(f"10-step window means: max |fp32 - default| (same seed) = {max(wp):.4f}; "
+              f"max |seed 0 - seed 1| (default) = {max(ws):.4f} -> {'PASS' if ok else 'FAIL'} "
+              "(precision must not move the curve more than a seed does)")
+        res.update({"window_abs_diff_precision": wp, "window_abs_diff_seed": ws, "pass": ok})
     if out_json:
         atomic_write_json(out_json, res)
     return res
