@@ -126,3 +126,18 @@ def test_readme_update_replaces_only_the_marked_block(tmp_path):
     bad.write_text("no markers")
     with pytest.raises(FairllavaError, match="markers"):
         update_readme(bad, "x")
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_demo_estimate_and_summary_name_the_precision_this_cpu_computes_in(monkeypatch, native_bf16):
+    import fairllava.demo as demo
+    import fairllava.models.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: native_bf16)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    p = get_preset("default")
+    assert demo.compute_label() == ("cpu, bf16" if native_bf16 else "cpu, fp32 (no bf16 matmul)")
+    assert demo.estimated_minutes(p) == pytest.approx(p.est_minutes * (1.0 if native_bf16 else demo.FP32_CPU_SLOWDOWN))
+    monkeypatch.setattr("fairllava.benchmark.report.headline_markdown", lambda board: "")
+    md = demo.summary_markdown({}, p, 0, {"seconds": 1.0, "machine": demo.machine_info()})
+    assert md.rstrip().endswith(f"{demo.compute_label()}).")

@@ -48,7 +48,7 @@ class DemoPreset:
     evidence_probe: bool = True
     # Stage 1 is trained on this strength's rendering (None = the demo's own strength, as before the benchmark)
     stage1_strength: Optional[float] = None
-    est_minutes: float = 15.0
+    est_minutes: float = 15.0  # measured on 2 cores with bf16 matmul (AMX); see compute_label / FP32_CPU_SLOWDOWN
     # Worker processes: 2 runs lora and fairllava side by side with one thread each (on 2 cores a bf16 step takes
     # ~1.5x longer on one thread than on two, so two at once finish sooner); a step alone gets every core.
     jobs: int = 1
@@ -68,6 +68,26 @@ DEMO_FAIRNESS_OVERRIDES = {
     "dac_lr": 0.01,
     "mi_conditional": True,
 }
+
+# The default preset took 357 s on 2 AMX cores (bf16) and 698 s on 2 AMD EPYC cores without bf16 matmul (AVX2,
+# so auto = fp32), both measured 2026-12-02: the estimate on a CPU without bf16 is scaled by this.
+FP32_CPU_SLOWDOWN = 2.0
+
+
+def compute_label() -> str:
+    """What this machine computes in (the precision `auto` resolves to), for the estimate and the summary."""
+    import torch
+
+    from .models.precision import resolve_dtype
+
+    if torch.cuda.is_available():
+        return f"cuda, {'bf16' if resolve_dtype('auto', 'cuda') == torch.bfloat16 else 'fp32'}"
+    return "cpu, bf16" if resolve_dtype("auto", "cpu") == torch.bfloat16 else "cpu, fp32 (no bf16 matmul)"
+
+
+def estimated_minutes(p: "DemoPreset") -> float:
+    return p.est_minutes * (FP32_CPU_SLOWDOWN if compute_label().startswith("cpu, fp32") else 1.0)
+
 
 PRESETS: dict[str, DemoPreset] = {
     # Sized for <= 6 min on 2 CPU cores (issue 11): a smoke test of the whole pipeline on real parts. The benchmark
@@ -190,7 +210,8 @@ def run_demo(out_dir: str | os.PathLike, preset: str | DemoPreset = "default", s
         what = "another seed" if old.get("seed") not in (None, seed) else "other settings"
         raise FairllavaError(f"{out}: holds a demo with {what}; use another --out or delete it")
     t0 = time.perf_counter()
-    log(f"demo preset '{p.name}' (seed {seed}) -> {out}; estimated {p.est_minutes:g} min on 2 CPU cores")
+    log(f"demo preset '{p.name}' (seed {seed}) -> {out}; estimated {estimated_minutes(p):g} min on 2 CPU cores "
+        f"({compute_label()})")
     prepare_folder(plan, out)
     atomic_write_json(out / "demo.json", {"preset": asdict(p), "seed": seed})
     jobs = max(1, min(p.jobs, os.cpu_count() or 1))
@@ -213,7 +234,8 @@ def summary_markdown(board: dict, p: DemoPreset, seed: int, meta: dict) -> str:
     return headline_markdown(board) + (
         f"\nOne seed ({seed}) of preset `{p.name}`: a smoke test of the pipeline, not evidence — see the benchmark "
         f"leaderboard for the multi-seed result. {meta.get('seconds')} s wall time in {meta.get('sessions', 1)} "
-        f"session(s) on {m.get('cpu_count')} CPU cores ({m.get('platform')}, torch {m.get('torch')}).\n")
+        f"session(s) on {m.get('cpu_count')} CPU cores ({m.get('platform')}, torch {m.get('torch')}"
+        + (f", {m['compute']}" if m.get("compute") else "") + ").\n")
 
 
 def shortcut_signature(preds_path, datacard: dict, task: str = "derm-vqa") -> dict:
@@ -227,7 +249,8 @@ def machine_info() -> dict:
     import torch
 
     return {"platform": platform.platform(terse=True), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "compute": compute_label()}
 
 
 def _record_session(out: Path, seconds: float) -> list[float]:
