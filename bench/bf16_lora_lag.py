@@ -5,7 +5,8 @@ bf16 ulp of the base output it is added to, and the bf16 sum rounds part of it a
 see what the optimizer has learned. Test: the same runs with the fused LoRA forward (models/lora_fused.py) summing
 in fp32 and returning fp32 (so the residual stream stays fp32 too), everything else unchanged.
 
-Usage: python bench/bf16_lora_lag.py [--steps 30]   # loss curves fp32 / bf16 / bf16 + fp32 sum, then step times
+Usage: python bench/bf16_lora_lag.py [--steps 30]   # loss curves fp32 / bf16 / bf16 + fp32 sum (seeds 0, 1),
+       the curve tolerance of bench_training_step.py --curves applied to the fp32 sum, then step times
 A diagnostic: the fp32 sum is monkeypatched here, it is not a library setting.
 """
 from __future__ import annotations
@@ -47,16 +48,26 @@ def curves(steps: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fairllava-lag-"))
     original = lora_fused._fused_forward
     runs = {}
-    for name, dtype, patched in (("fp32", "float32", False), ("bf16", "auto", False), ("bf16 + fp32 sum", "auto", True)):
+    plan = (("fp32", "float32", False, 0), ("bf16", "auto", False, 0), ("bf16 + fp32 sum", "auto", True, 0),
+            ("bf16 + fp32 sum, seed 1", "auto", True, 1))
+    for name, dtype, patched, seed in plan:
         lora_fused._fused_forward = fp32_sum_forward if patched else original  # bound when the trainer fuses
         try:
-            runs[name] = bts._train_curve(base, data, tmp / name.replace(" ", ""), dtype, 0, steps)
+            runs[name] = bts._train_curve(base, data, tmp / name.replace(" ", "").replace(",", ""), dtype, seed, steps)
         finally:
             lora_fused._fused_forward = original
+
+    def windows(v: list[float]) -> list[float]:
+        return [sum(v[i:i + 10]) / len(v[i:i + 10]) for i in range(0, len(v), 10)]
+
     for name, v in runs.items():
-        w = [sum(v[i:i + 10]) / len(v[i:i + 10]) for i in range(0, len(v), 10)]
-        print(f"{name:16s} steps 1-8: {' '.join(f'{x:.3f}' for x in v[:8])}   10-step window means: "
-              f"{' '.join(f'{x:.3f}' for x in w)}", flush=True)
+        print(f"{name:24s} steps 1-8: {' '.join(f'{x:.3f}' for x in v[:8])}   10-step window means: "
+              f"{' '.join(f'{x:.3f}' for x in windows(v))}", flush=True)
+    # bench_training_step.py --curves' pre-declared tolerance, applied to the fp32-sum variant
+    wp = [abs(a - b) for a, b in zip(windows(runs["fp32"]), windows(runs["bf16 + fp32 sum"]))]
+    ws = [abs(a - b) for a, b in zip(windows(runs["bf16 + fp32 sum"]), windows(runs["bf16 + fp32 sum, seed 1"]))]
+    print(f"fp32 sum: max |fp32 - bf16+fp32 sum| (seed 0) = {max(wp):.4f}; max |seed 0 - seed 1| = {max(ws):.4f} -> "
+          f"{'PASS' if max(wp) <= max(ws) else 'FAIL'}; per window: {' '.join(f'{a:.3f}/{b:.3f}' for a, b in zip(wp, ws))}")
 
 
 def timing(rounds: int = 8) -> None:
