@@ -63,7 +63,7 @@ def _demo_fairness() -> dict:
 
 
 def build(base: Path, dtype: str, shared_dropout: bool, method: str = "lora", attn: str | None = None,
-          fused: bool = True):
+          fused: bool = True, fp32_sum: str | None = None):
     """(model, TrainingModule, optimizer) laid out like FairTrainer._load does it."""
     import torch
 
@@ -80,7 +80,8 @@ def build(base: Path, dtype: str, shared_dropout: bool, method: str = "lora", at
     if attn:
         model.set_attn_implementation(attn)
     store_in_compute_dtype(model, cdt, keep_fp32=_active_projector(model))
-    model = apply_lora(model, LoraSettings(**LORA, shared_dropout=shared_dropout, fused_forward=fused))
+    extra = {} if fp32_sum is None else {"fp32_sum": fp32_sum}  # None: the library default
+    model = apply_lora(model, LoraSettings(**LORA, shared_dropout=shared_dropout, fused_forward=fused, **extra))
     prepare_for_training(model, cdt)
     model.train()
     if method == "lora":
@@ -101,7 +102,7 @@ def _step(mod, opt, batch) -> float:
     loss, _, _ = mod(batch, 0.0, 0)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def step_memory(mod, opt, batch) -> int:
@@ -233,7 +234,8 @@ def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None, attn_v
 
 
 # ----------------------------------------------------------------------------- loss curves
-def _train_curve(base: Path, data: Path, out: Path, dtype: str, seed: int, steps: int) -> list[float]:
+def _train_curve(base: Path, data: Path, out: Path, dtype: str, seed: int, steps: int,
+                 fp32_sum: str | None = None) -> list[float]:
     from fairllava.benchmark.rendering import VOCAB_CONFIG
     from fairllava.training.config import TrainConfig
     from fairllava.training.logging import read_metrics
@@ -243,7 +245,8 @@ def _train_curve(base: Path, data: Path, out: Path, dtype: str, seed: int, steps
         "model": {"path": str(base), "dtype": dtype},
         "data": {"train": str(data / "train.jsonl"), "image_root": str(data / "images"),
                  "attributes": {"race": VOCAB_CONFIG["race"]}, "max_length": 512},
-        "output_dir": str(out), "stage": 2, "method": "lora", "lora": dict(LORA),
+        "output_dir": str(out), "stage": 2, "method": "lora",
+        "lora": dict(LORA, **({} if fp32_sum is None else {"fp32_sum": fp32_sum})),
         "optim": {"lr": 2e-4, "per_device_batch_size": 8, "grad_accum": 1, "max_steps": steps, "seed": seed,
                   "warmup_ratio": 0.03},
         "checkpointing": {"every_n_steps": steps, "keep_last": 1},

@@ -123,3 +123,76 @@ def test_a_merged_adapter_falls_back_to_peft():
             plain = pm(input_ids=ids).logits
     torch.testing.assert_close(before, merged, rtol=1e-4, atol=1e-5)
     assert (before - plain).abs().max() > 1e-3  # the adapter acts, and disabling it is honoured
+
+
+def _fp32_sum_model(fp32_sum: str):
+    model, _ = build_tiny_llava(seed=0)
+    pm = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, fused_forward=True, fp32_sum=fp32_sum))
+    for n, p in pm.named_parameters():  # frozen weights bf16, trainables fp32: the training layout
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    return pm
+
+
+def test_fp32_sum_marks_the_residual_writers_or_every_layer():
+    def marked(pm):
+        return {n.rsplit(".", 1)[-1] for n, m in pm.named_modules() if getattr(m, "_fairllava_fp32_sum", False)}
+
+    assert marked(_fp32_sum_model("none")) == set()
+    assert marked(_fp32_sum_model("auto")) == marked(_fp32_sum_model("all"))
+    assert marked(_fp32_sum_model("residual")) == {"o_proj", "down_proj"}
+    assert marked(_fp32_sum_model("all")) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}
+
+
+def test_fp32_sum_keeps_an_update_that_bf16_rounds_away():
+    """The point of the setting: an update below half a bf16 ulp of the base output survives in fp32."""
+    outs = {}
+    for mode in ("none", "all"):
+        layer = _lm(_fp32_sum_model(mode), "self_attn.o_proj")
+        with torch.no_grad():
+            layer.lora_A["default"].weight.fill_(0.01)
+            layer.lora_B["default"].weight.fill_(1e-6)  # early in training: B tiny
+        x = torch.full((1, 2, layer.get_base_layer().in_features), 1.0, dtype=torch.bfloat16)
+        with autocast("cpu", torch.bfloat16), torch.no_grad():
+            outs[mode] = (layer(x), layer.get_base_layer()(x))
+    (none, base_n), (full, base_a) = outs["none"], outs["all"]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    update = float(layer.scaling["default"]) * (x.float() @ a.t()) @ b.t()  # scale * B(A(x)), fp32
+    assert none.dtype == torch.bfloat16 and full.dtype == torch.float32
+    lost = ((none.float() - base_n.float()) - update).abs() > 0.5 * update.abs()
+    assert lost.float().mean() > 0.5  # bf16 sum: most of the update is rounded away
+    torch.testing.assert_close(full - base_a.float(), update, rtol=1e-3, atol=1e-8)
+
+
+def test_fp32_sum_changes_nothing_in_fp32_or_outside_autocast():
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    ref = {}
+    for mode in ("none", "residual", "all"):
+        model, _ = build_tiny_llava(seed=0)
+        torch.manual_seed(0)  # LoRA's A initialisation
+        pm = apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, fused_forward=True, fp32_sum=mode))
+        with torch.no_grad():
+            for n, p in sorted(pm.named_parameters()):
+                if "lora_B" in n:
+                    p.fill_(0.01)
+            ref[mode] = pm(input_ids=ids).logits  # fp32, no autocast
+            pm.to(torch.bfloat16)  # bf16 inference layout: no autocast, everything bf16
+            ref[mode + " bf16"] = pm(input_ids=ids).logits
+    for mode in ("residual", "all"):  # one process computes both sides: bit-exact
+        assert torch.equal(ref[mode], ref["none"]) and torch.equal(ref[mode + " bf16"], ref["none bf16"])
+
+
+def test_fp32_sum_needs_the_fused_forward():
+    from fairllava.errors import FairllavaError
+    from fairllava.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="fp32_sum='all' needs fused_forward"):
+        LoraSettings(fused_forward=False, fp32_sum="all")
+    with pytest.raises(ValueError, match="fp32_sum='fp16'"):
+        LoraSettings(fp32_sum="fp16")
+    cfg = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output_dir": "o", "method": "lora",
+           "lora": {"fused_forward": False, "fp32_sum": "residual"}}
+    with pytest.raises(FairllavaError, match="^lora.fp32_sum: 'residual' needs lora.fused_forward: true"):
+        TrainConfig.from_dict(cfg)
+    assert LoraSettings(fused_forward=False).fp32_sum == "auto"  # the default: none without the fused forward

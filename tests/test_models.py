@@ -117,7 +117,8 @@ def test_lora_settings_validation():
     with pytest.raises(ValueError, match="target"):
         LoraSettings(target="everything")
     assert LoraSettings().to_dict() == {"r": 64, "alpha": 128, "dropout": 0.05, "target": "all-linear-lm",
-                                        "train_projector": True, "shared_dropout": True, "fused_forward": True}
+                                        "train_projector": True, "shared_dropout": True, "fused_forward": True,
+                                        "fp32_sum": "auto"}
 
 
 def test_apply_lora_places_adapters_only_on_lm_linears():

@@ -78,7 +78,10 @@ def test_mixed_precision_layout_and_fp32_losses(fused):
         out = pm(input_ids=ids, attention_mask=torch.ones_like(ids))
     for h in hook:
         h.remove()
-    assert seen and all(i == torch.bfloat16 and o == torch.bfloat16 for i, o in seen)
+    if fused:  # lora.fp32_sum auto = all: each LoRA sum is fp32, so from layer 1 on the residual stream is fp32 too
+        assert seen and seen[0] == (torch.bfloat16, torch.float32) and all(o == torch.float32 for _, o in seen)
+    else:  # PEFT's forward (fp32_sum auto = none): activations stay bf16 through the LoRA layers
+        assert seen and all(i == torch.bfloat16 and o == torch.bfloat16 for i, o in seen)
     assert out.logits.dtype == torch.bfloat16
     with precision.autocast("cpu", torch.bfloat16), precision.full_precision("cpu"):
         lin = torch.nn.Linear(4, 2)

@@ -217,6 +217,9 @@ class LoraSettings:
     ``shared_dropout``: LoRA layers reading the same input tensor (q/k/v, gate/up) share one dropout mask,
     drawn cheaply (models/lora_dropout.py); False keeps PEFT's independent per-layer masks.
     ``fused_forward``: the LoRA branches run as fewer, larger kernels (models/lora_fused.py); same values.
+    ``fp32_sum``: under bf16, which LoRA layers add their update to the base output in fp32 and return fp32
+    (``none`` / ``residual`` / ``all``; models/lora_fused.py); ``auto`` = ``all`` with ``fused_forward``, else
+    ``none``. ``residual`` and ``all`` need ``fused_forward``.
     """
 
     r: int = 64
@@ -226,8 +229,16 @@ class LoraSettings:
     train_projector: bool = True
     shared_dropout: bool = True
     fused_forward: bool = True
+    fp32_sum: str = "auto"
 
     def __post_init__(self) -> None:
+        from .lora_fused import FP32_SUM_CHOICES
+
+        if self.fp32_sum not in FP32_SUM_CHOICES:
+            raise ValueError(f"LoraSettings.fp32_sum={self.fp32_sum!r}: expected one of {', '.join(FP32_SUM_CHOICES)}")
+        if self.fp32_sum in ("residual", "all") and not self.fused_forward:
+            raise ValueError(f"LoraSettings.fp32_sum={self.fp32_sum!r} needs fused_forward=True (PEFT's own forward "
+                             "sums in the compute dtype); set fp32_sum='none' or fused_forward=True")
         if self.r <= 0:
             raise ValueError(f"LoraSettings.r={self.r}: must be a positive integer")
         if self.alpha <= 0:
@@ -287,7 +298,7 @@ def apply_lora(model, settings: LoraSettings | None = None):
     if settings.fused_forward:
         from .lora_fused import fuse_lora
 
-        fuse_lora(peft_model)  # after the dropout is shared: siblings are grouped only where their mask is one
+        fuse_lora(peft_model, settings.fp32_sum)  # after the dropout is shared: siblings are grouped only where their mask is one
     _check_frozen(peft_model)
     return peft_model
 

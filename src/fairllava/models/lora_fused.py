@@ -10,6 +10,16 @@ run near the bf16 (AMX) rate, and PEFT adds two full-width elementwise passes pe
   three A matmuls (and, in backward, three weight-gradient and three input-gradient matmuls plus two adds)
   become one of each.
 
+``fp32_sum`` (the ``lora.fp32_sum`` setting) is the one option that does change values, on purpose. Under bf16
+autocast the sum ``base(x) + scale·B(A(x))`` is rounded to bf16, and early in training, while B is tiny, the LoRA
+update is below half a bf16 ulp of the base output and much of it is rounded away: the forward does not see what
+the optimizer learned, and bf16's loss curve lags fp32's in the first steps (docs/benchmark.md, "Loss curves").
+``"residual"`` sums in fp32 and returns fp32 for the projections that write into the residual stream (o_proj,
+down_proj and their namesakes), so the residual stream stays fp32; ``"all"`` does so for every LoRA layer;
+``"none"`` keeps the compute dtype; ``"auto"`` (the default of ``lora.fp32_sum``) is ``all`` with the fused
+forward and ``none`` without it (PEFT's own forward sums in the compute dtype). Under fp32 compute, and outside autocast (bf16 inference), all three are
+the same.
+
 Sibling groups are only formed where the layers' dropout is one shared module or off, since independent
 masks (PEFT's default) cannot share ``drop(x)``. The identity of the input tensor decides at run time, as
 for the shared mask: a sibling called on another tensor computes its own branch. Anything this path does not
@@ -34,6 +44,10 @@ SIBLING_NAMES: tuple[frozenset[str], ...] = (
     frozenset({"w1", "w3"}),
 )
 _ADAPTER = "default"
+# projections whose output is added to the residual stream, per architecture family (see ``fp32_sum``)
+RESIDUAL_WRITERS: frozenset[str] = frozenset({"o_proj", "down_proj", "out_proj", "fc2", "w2", "c_proj",
+                                              "dense_4h_to_h"})
+FP32_SUM_CHOICES = ("auto", "none", "residual", "all")  # auto: all with the fused forward, else none
 
 
 class LoraGroup:
@@ -92,8 +106,14 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     base = self.base_layer(x)
     xa = self._fairllava_group.lora_a(self, x)
     b = self.lora_B[_ADAPTER].weight
-    out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(),
-                      alpha=float(self.scaling[_ADAPTER]))
+    scale = float(self.scaling[_ADAPTER])
+    # only under autocast: without it (inference in bf16) the next layer would meet an fp32 input it cannot take
+    if self._fairllava_fp32_sum and base.dtype != torch.float32 and torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):  # the update is not rounded into a bf16 base output
+            out = torch.addmm(base.reshape(-1, base.shape[-1]).float(), xa.reshape(-1, xa.shape[-1]).float(),
+                              b.float().t(), alpha=scale)
+        return out.view(base.shape)
+    out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=scale)
     return out.view(base.shape).to(base.dtype)
 
 
@@ -124,20 +144,27 @@ def _siblings(children: dict[str, nn.Module]) -> list[list[nn.Module]]:
     return groups
 
 
-def fuse_lora(peft_model: nn.Module) -> int:
+def fuse_lora(peft_model: nn.Module, fp32_sum: str = "none") -> int:
     """Give every vanilla LoRA Linear of ``peft_model`` the fused forward; returns how many layers changed.
 
-    Idempotent. Parameters, names and the saved adapter are untouched (PEFT saves and loads it as before).
+    ``fp32_sum``: ``auto`` (= ``all`` here) / ``none`` / ``residual`` / ``all`` (module docstring). Idempotent. Parameters, names and the
+    saved adapter are untouched (PEFT saves and loads it as before).
     """
+    if fp32_sum not in FP32_SUM_CHOICES:
+        raise ValueError(f"fp32_sum={fp32_sum!r}: expected one of {', '.join(FP32_SUM_CHOICES)}")
+    fp32_sum = "all" if fp32_sum == "auto" else fp32_sum
     n = 0
     for parent in peft_model.modules():
         children = {name: m for name, m in parent.named_children()
                     if _is_lora_linear(m) and not hasattr(m, "_fairllava_group")}
         if not children:
             continue
+        names = {id(m): name for name, m in children.items()}
         for layers in _siblings(children):
             group = LoraGroup(layers)
             for layer in layers:
+                layer._fairllava_fp32_sum = fp32_sum == "all" or (fp32_sum == "residual"
+                                                                  and names[id(layer)] in RESIDUAL_WRITERS)
                 layer._fairllava_group = group
                 layer._fairllava_peft_forward = layer.forward
                 layer.forward = types.MethodType(_fused_forward, layer)
@@ -151,9 +178,9 @@ def unfuse_lora(peft_model: nn.Module) -> int:
     for mod in peft_model.modules():
         if hasattr(mod, "_fairllava_group"):
             mod.forward = mod._fairllava_peft_forward
-            del mod._fairllava_group, mod._fairllava_peft_forward
+            del mod._fairllava_group, mod._fairllava_peft_forward, mod._fairllava_fp32_sum
             n += 1
     return n
 
 
-__all__ = ["LoraGroup", "SIBLING_NAMES", "fuse_lora", "unfuse_lora"]
+__all__ = ["FP32_SUM_CHOICES", "LoraGroup", "RESIDUAL_WRITERS", "SIBLING_NAMES", "fuse_lora", "unfuse_lora"]

@@ -73,6 +73,12 @@ class LoraSection:
     dropout: float = 0.05
     shared_dropout: bool = True  # one mask per distinct input (q/k/v, gate/up share), drawn cheaply; false = PEFT's
     fused_forward: bool = True  # models/lora_fused.py: fewer, larger kernels for the same LoRA values
+    # Under bf16: LoRA layers that add their update to the base output in fp32 and return fp32, so early updates are
+    # not rounded away (models/lora_fused.py): none | residual (o_proj/down_proj: the residual stream stays fp32) |
+    # all. all is the one that keeps bf16's 100-step loss curve within fp32's seed-to-seed variation
+    # (bench/bf16_lora_lag.py), at x1.19 step time. residual and all need fused_forward; auto = all with it, none
+    # without. No effect in fp32.
+    fp32_sum: Literal["auto", "none", "residual", "all"] = "auto"
 
 
 @dataclass
@@ -200,6 +206,9 @@ class TrainConfig:
             raise FairllavaError(f"optim.max_steps: expected >= 1, got {o.max_steps}")
         if not 0 <= o.warmup_ratio < 1:
             raise FairllavaError(f"optim.warmup_ratio: expected in [0, 1), got {o.warmup_ratio}")
+        if self.lora.fp32_sum in ("residual", "all") and not self.lora.fused_forward:
+            raise FairllavaError(f"lora.fp32_sum: {self.lora.fp32_sum!r} needs lora.fused_forward: true (PEFT's own "
+                                 "forward sums in the compute dtype); set fp32_sum: auto or fused_forward: true")
         if self.stage == 1 and self.method != "lora":
             raise FairllavaError(f"method: stage 1 trains the projector with the LM loss only; use method: lora (got {self.method!r})")
         if self.method == "fairllava" and not self.fairness:

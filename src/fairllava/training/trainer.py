@@ -217,7 +217,8 @@ class FairTrainer:
         else:
             model = apply_lora(model, LoraSettings(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                                                    shared_dropout=cfg.lora.shared_dropout,
-                                                   fused_forward=cfg.lora.fused_forward))
+                                                   fused_forward=cfg.lora.fused_forward,
+                                                   fp32_sum=cfg.lora.fp32_sum))
         prepare_for_training(model, compute_dtype)
         model.train()
 
