@@ -68,7 +68,7 @@ def test_mixed_precision_layout_and_fp32_losses(fused):
     precision.prepare_for_training(pm, torch.bfloat16)
     for n, p in pm.named_parameters():
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), n
-    # activations stay bf16 through the LoRA layers (no per-layer upcast) and the matmuls run in bf16
+    # no per-layer upcast of LoRA inputs; the matmuls run in bf16 (autocast)
     seen = []
     hook = [m.register_forward_hook(lambda m, i, o: seen.extend([(i[0].dtype, o.dtype)]))
             for n, m in pm.named_modules()
@@ -80,6 +80,7 @@ def test_mixed_precision_layout_and_fp32_losses(fused):
         h.remove()
     if fused:  # lora.fp32_sum auto = all: each LoRA sum is fp32, so from layer 1 on the residual stream is fp32 too
         assert seen and seen[0] == (torch.bfloat16, torch.float32) and all(o == torch.float32 for _, o in seen)
+        assert len(seen) > 1 and all(i == torch.float32 for i, _ in seen[1:])
     else:  # PEFT's forward (fp32_sum auto = none): activations stay bf16 through the LoRA layers
         assert seen and all(i == torch.bfloat16 and o == torch.bfloat16 for i, o in seen)
     assert out.logits.dtype == torch.bfloat16
@@ -173,3 +174,21 @@ def test_mixed_precision_must_agree_with_the_model_dtype():
         _check_precision_agrees(cfg("float32", "bf16"), torch.float32)
     with pytest.raises(FairllavaError, match=r"model\.dtype=float16 needs optim\.mixed_precision: fp16"):
         _check_precision_agrees(cfg("float16", "no"), torch.float16)
+
+
+def test_store_in_compute_dtype_keeps_the_trained_module_and_layernorms_in_fp32():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        model[1].weight.copy_(1 + torch.randn(8) * 1e-3)  # values bf16 cannot hold
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    precision.store_in_compute_dtype(model, torch.bfloat16, keep_fp32=model[2])
+    assert model[0].weight.dtype == torch.bfloat16
+    for k in ("1.weight", "1.bias", "2.weight", "2.bias"):  # fp32, exactly the loaded values
+        assert model.state_dict()[k].dtype == torch.float32 and torch.equal(model.state_dict()[k], before[k]), k
+    with precision.autocast("cpu", torch.bfloat16):  # an fp32 residual stream (lora.fp32_sum) and a bf16 one
+        for x in (torch.randn(2, 8), torch.randn(2, 8).to(torch.bfloat16)):
+            assert torch.isfinite(model[1](x).float()).all()
+    fp32 = torch.nn.Sequential(torch.nn.LayerNorm(4))
+    precision.store_in_compute_dtype(fp32, torch.float32)
+    assert fp32[0].weight.dtype == torch.float32

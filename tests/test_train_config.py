@@ -171,3 +171,22 @@ def test_cli_presets_lists_all():
     for name in list_presets():
         assert name in res.output
     assert "mimic_cxr\tmethod=fairllava\tstage=2\tattributes=race,age_group,sex" in res.output
+
+
+def test_resume_treats_a_config_saved_before_fp32_sum_as_none(tmp_path):
+    """A checkpoint from before ``lora.fp32_sum`` existed summed in the compute dtype: resuming it under the new
+    default (auto = all) would silently change the computation, so the resume check must see a difference."""
+    from fairllava.training.checkpoint import check_same_config
+    from fairllava.training.config import save_config
+
+    base = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "output_dir": str(tmp_path / "o"),
+            "method": "lora"}
+    cfg = TrainConfig.from_dict(base)
+    save_config(cfg, tmp_path / "config.yaml")
+    check_same_config(cfg, tmp_path / "config.yaml")  # the same config resumes
+    old = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del old["lora"]["fp32_sum"]  # what an older version wrote
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(FairllavaError, match=r"differs from the checkpoint's .* at lora\.fp32_sum;"):
+        check_same_config(cfg, tmp_path / "config.yaml")
+    check_same_config(TrainConfig.from_dict({**base, "lora": {"fp32_sum": "none"}}), tmp_path / "config.yaml")

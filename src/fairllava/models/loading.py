@@ -217,8 +217,8 @@ class LoraSettings:
     ``shared_dropout``: LoRA layers reading the same input tensor (q/k/v, gate/up) share one dropout mask,
     drawn cheaply (models/lora_dropout.py); False keeps PEFT's independent per-layer masks.
     ``fused_forward``: the LoRA branches run as fewer, larger kernels (models/lora_fused.py); same values.
-    ``fp32_sum``: under bf16, which LoRA layers add their update to the base output in fp32 and return fp32
-    (``none`` / ``residual`` / ``all``; models/lora_fused.py); ``auto`` = ``all`` with ``fused_forward``, else
+    ``fp32_sum``: under bf16/fp16 autocast, which LoRA layers add their update to the base output in fp32 and
+    return fp32 (``none`` / ``residual`` / ``all``; models/lora_fused.py); ``auto`` = ``all`` with ``fused_forward``, else
     ``none``. ``residual`` and ``all`` need ``fused_forward``.
     """
 

@@ -10,8 +10,8 @@ run near the bf16 (AMX) rate, and PEFT adds two full-width elementwise passes pe
   three A matmuls (and, in backward, three weight-gradient and three input-gradient matmuls plus two adds)
   become one of each.
 
-``fp32_sum`` (the ``lora.fp32_sum`` setting) is the one option that does change values, on purpose. Under bf16
-autocast the sum ``base(x) + scale·B(A(x))`` is rounded to bf16, and early in training, while B is tiny, the LoRA
+``fp32_sum`` (the ``lora.fp32_sum`` setting) is the one option that does change values, on purpose. Under bf16 (or
+fp16) autocast the sum ``base(x) + scale·B(A(x))`` is rounded to bf16, and early in training, while B is tiny, the LoRA
 update is below half a bf16 ulp of the base output and much of it is rounded away: the forward does not see what
 the optimizer learned, and bf16's loss curve lags fp32's in the first steps (docs/benchmark.md, "Loss curves").
 ``"residual"`` sums in fp32 and returns fp32 for the projections that write into the residual stream (o_proj,
@@ -144,7 +144,7 @@ def _siblings(children: dict[str, nn.Module]) -> list[list[nn.Module]]:
     return groups
 
 
-def fuse_lora(peft_model: nn.Module, fp32_sum: str = "none") -> int:
+def fuse_lora(peft_model: nn.Module, fp32_sum: str = "auto") -> int:
     """Give every vanilla LoRA Linear of ``peft_model`` the fused forward; returns how many layers changed.
 
     ``fp32_sum``: ``auto`` (= ``all`` here) / ``none`` / ``residual`` / ``all`` (module docstring). Idempotent. Parameters, names and the

@@ -105,16 +105,22 @@ def resolve_dtype(value: str | torch.dtype | None, device: torch.device | str | 
 
 def store_in_compute_dtype(model: nn.Module, compute_dtype: torch.dtype, keep_fp32: nn.Module | None = None) -> None:
     """Cast ``model`` (weights and buffers) to ``compute_dtype`` once, except ``keep_fp32`` (a module that will
-    train), which gets fp32 copies of the values it was loaded with, so no trained weight is ever rounded to bf16."""
-    saved = None
-    if keep_fp32 is not None:
-        saved = {k: v.detach().to(torch.float32, copy=True) if v.is_floating_point() else v
-                 for k, v in keep_fp32.state_dict().items()}
+    train), which gets fp32 copies of the values it was loaded with, so no trained weight is ever rounded to bf16.
+
+    LayerNorm modules keep fp32 weights too (the values they were loaded with): with ``lora.fp32_sum`` the
+    residual stream is fp32, and CPU autocast runs ``layer_norm`` as-is, which accepts an fp32 or bf16 input only
+    with fp32 weights. RMSNorm models (Llama, Mistral, Qwen) have none, so for them nothing changes.
+    """
+    keep = [keep_fp32] if keep_fp32 is not None else []
+    if compute_dtype != torch.float32:
+        keep += [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    saved = [{k: v.detach().to(torch.float32, copy=True) if v.is_floating_point() else v
+              for k, v in mod.state_dict().items()} for mod in keep]
     if any(p.dtype != compute_dtype for p in model.parameters() if p.is_floating_point()):
         model.to(compute_dtype)
-    if keep_fp32 is not None:
-        keep_fp32.float()
-        keep_fp32.load_state_dict(saved)
+    for mod, state in zip(keep, saved):
+        mod.float()
+        mod.load_state_dict(state)
 
 
 def training_attention(setting: str, device: torch.device | str) -> str | None:

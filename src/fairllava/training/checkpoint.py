@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from ..errors import FairllavaError
@@ -134,6 +135,9 @@ def check_same_config(cfg, saved: Path) -> None:
     from .config import load_config
 
     old = load_config(saved).to_dict()
+    raw = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    if isinstance(raw.get("lora"), dict) and "fp32_sum" not in raw["lora"]:
+        old["lora"]["fp32_sum"] = "none"  # saved before the setting existed: its runs summed in the compute dtype
     new = cfg.to_dict()
     diffs = []
 

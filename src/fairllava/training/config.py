@@ -73,9 +73,9 @@ class LoraSection:
     dropout: float = 0.05
     shared_dropout: bool = True  # one mask per distinct input (q/k/v, gate/up share), drawn cheaply; false = PEFT's
     fused_forward: bool = True  # models/lora_fused.py: fewer, larger kernels for the same LoRA values
-    # Under bf16: LoRA layers that add their update to the base output in fp32 and return fp32, so early updates are
-    # not rounded away (models/lora_fused.py): none | residual (o_proj/down_proj: the residual stream stays fp32) |
-    # all. all is the one that keeps bf16's 100-step loss curve within fp32's seed-to-seed variation
+    # Under bf16/fp16 autocast: LoRA layers that add their update to the base output in fp32 and return fp32, so
+    # early updates are not rounded away (models/lora_fused.py): none | residual (o_proj/down_proj: the residual
+    # stream stays fp32) | all. all is the one that keeps bf16's 100-step loss curve within fp32's seed-to-seed variation
     # (bench/bf16_lora_lag.py), at x1.19 step time. residual and all need fused_forward; auto = all with it, none
     # without. No effect in fp32.
     fp32_sum: Literal["auto", "none", "residual", "all"] = "auto"
