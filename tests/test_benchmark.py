@@ -362,6 +362,43 @@ def test_a_family_split_over_plans_is_partial_and_provisional_until_every_task_i
         plan_from_dict(d, "final-cxr.yaml")
 
 
+def test_a_method_one_task_leaves_out_by_design_counts_as_p_1_and_is_not_provisional(sweep):
+    """protocol §8: cxr-report runs fewer methods than derm-vqa; the family keeps its declared size (the left-out
+    comparison enters Holm as p = 1, so no adjusted p gets smaller), the board names it, verdicts are final."""
+    from fairllava.benchmark.leaderboard import combine_leaderboards
+    from fairllava.benchmark.power import family_size_of
+    from fairllava.benchmark.stats import holm
+    from fairllava.benchmark.verdict import apply_family
+
+    d = _plan_dict()
+    d["primary"]["family_tasks"] = ["derm-vqa", "cxr-report"]
+    derm = plan_from_dict(d, "final-derm.yaml")
+    alone = json.loads(json.dumps(sweep[1]))
+    apply_family(alone, derm)
+    d["tasks"] = {"cxr-report": d["tasks"]["derm-vqa"]}
+    del d["methods"]["reweight"]
+    cxr = plan_from_dict(d, "final-cxr.yaml")
+    other = json.loads(json.dumps(alone))
+    other["plan"]["tasks"] = {"cxr-report": other["plan"]["tasks"].pop("derm-vqa")}
+    other["rows"] = [dict(r, task="cxr-report") for r in other["rows"] if r["entry"] != "reweight"]
+    rows = [r for b in (alone, other) for r in b["rows"] if "holm_p" in r]  # the family members
+    for r, p in zip(rows, (0.004, 0.03, 0.01)):  # the smoke sweep is too small for p-values: give them some
+        r["vs_baseline"] = json.loads(json.dumps(r["vs_baseline"]))
+        r["vs_baseline"]["metrics"][r["primary_metric"]]["signed_gap"]["p_value"] = p
+    both = combine_leaderboards([alone, other], [derm, cxr])
+    fam = both["family"]
+    members = [r for r in both["rows"] if "holm_p" in r]
+    assert fam["size"] == 4 == family_size_of([derm, cxr]) and len(members) == 3
+    assert fam["not_run"] == ["cxr-report/reweight"] and both["partial"] is False
+    assert not any(r["verdict"]["provisional"] for r in both["rows"] if r.get("verdict"))
+    raw = [r["vs_baseline"]["metrics"][r["primary_metric"]]["signed_gap"]["p_value"] for r in members]
+    assert sorted(raw) == [0.004, 0.01, 0.03]
+    assert [r["holm_p"] for r in members] == holm(raw + [1.0])[:3]  # m = 4, not 3
+    assert holm(raw + [1.0])[:3] != holm(raw)
+    from fairllava.benchmark.report import provenance  # the board says so
+    assert "not run by design, counted as p = 1: cxr-report/reweight" in provenance(both)
+
+
 def test_a_missing_comparison_never_makes_holm_milder_and_labels_keep_their_qualifiers(sweep):
     from fairllava.benchmark.report import cell_table
     from fairllava.benchmark.verdict import apply_family, verdict_label

@@ -161,7 +161,7 @@ def combine_leaderboards(boards: list[dict], plans: list[Plan], primary_methods:
     task, so a cheap task's final runs need not wait for an expensive task's selection), with ONE primary family
     over all of them: Holm over every task's comparisons, as if it had been one plan (docs/protocol.md §5).
     ``primary_methods``: the §7 fallback family (``verdict.restrict_family``), stated on the board."""
-    from .verdict import apply_family, restrict_family
+    from .verdict import apply_family, not_run_members, restrict_family
 
     if len(boards) == 1:
         if primary_methods is not None:
@@ -202,9 +202,10 @@ def combine_leaderboards(boards: list[dict], plans: list[Plan], primary_methods:
     merged.__dict__.pop("_twins", None)  # runner.twin_of's cache belongs to p0's methods
     merged.methods = {k: v for p in plans for k, v in p.methods.items()}
     merged.tasks = {k: v for p in plans for k, v in p.tasks.items()}
-    apply_family(board, merged)
+    not_run = not_run_members(plans, merged.primary.methods or [m for m in merged.methods if m != merged.baseline])
+    apply_family(board, merged, not_run)
     if primary_methods is not None:
-        restrict_family(board, merged, primary_methods)
+        restrict_family(board, merged, primary_methods, not_run)
     return board
 
 

@@ -24,13 +24,13 @@ from ..errors import FairllavaError
 
 
 def family_size_of(plans) -> int:
-    """The primary family of the final comparison: every non-baseline primary method x every task that has the
-    primary strength, summed over the final plans (one per task), i.e. what the joint leaderboard Holm-adjusts."""
-    n = 0
+    """The primary family of the final comparison: every non-baseline primary method of any of the final plans
+    (one per task) x every task that has the primary strength, i.e. what the joint leaderboard Holm-adjusts; a
+    method one task's plan leaves out still counts there (as p = 1, ``verdict.not_run_members``)."""
+    methods: list = []
     for p in plans:
-        methods = p.primary.methods or [m for m in p.methods if m != p.baseline]
-        n += len(methods) * sum(1 for spec in p.tasks.values() if p.primary.strength in spec.strengths)
-    return n
+        methods += [m for m in (p.primary.methods or [m for m in p.methods if m != p.baseline]) if m not in methods]
+    return len(methods) * sum(1 for p in plans for spec in p.tasks.values() if p.primary.strength in spec.strengths)
 
 
 def _components(cell: dict) -> Optional[tuple[float, float]]:

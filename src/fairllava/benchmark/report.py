@@ -155,8 +155,10 @@ def provenance(board: dict) -> str:
     restricted = (f" (restricted at report time to {', '.join(fam['restricted']['methods'])} vs "
                   f"{board['baseline']}, from the declared {', '.join(fam['restricted']['declared'])}: protocol §7's "
                   "fallback family)") if fam.get("restricted") else ""
+    not_run = (f" ({len(fam['not_run'])} of them not run by design, counted as p = 1: {', '.join(fam['not_run'])})"
+               if fam.get("not_run") else "")
     return (plans[0].upper() + plans[1:] + f"; primary family{' over all of them' if len(sources) > 1 else ''}: "
-            f"{fam['size']} comparisons{restricted}, Holm-adjusted, alpha {board['alpha']}.{part}")
+            f"{fam['size']} comparisons{not_run}{restricted}, Holm-adjusted, alpha {board['alpha']}.{part}")
 
 
 def _blocks(board: dict, figures: dict[str, bytes], markdown: bool) -> list:

@@ -8,7 +8,9 @@ Why computed: a verdict typed by hand drifts from the numbers. The rule (docs/pr
   beside it);
 - family: every non-baseline method x task at the primary strength on the final split; Holm-adjusted over
   every declared member of the tasks present, a member without a p counting as p = 1 (so a missing comparison
-  never makes the others' correction milder);
+  never makes the others' correction milder); a member that a task's own plan does not run, by design (a
+  method left out of one task's final plan, docs/protocol.md §8), counts as p = 1 too and is listed on the board
+  as not run, without making the verdicts provisional;
 - **better** if the adjusted p < alpha and the gap shrank, **worse** if adjusted p < alpha and it grew,
   otherwise **not distinguishable**;
 - **levelled down** when the gap shrank while the advantaged group's pooled value fell below the lower end of
@@ -34,8 +36,11 @@ def in_family(board: dict, plan, row: dict) -> bool:
             and row["entry"] in methods and row["vs_baseline"] is not None)
 
 
-def apply_family(board: dict, plan) -> None:
-    """Add ``holm_p`` (family members), ``effect`` and ``verdict`` to every non-baseline row, in place."""
+def apply_family(board: dict, plan, not_run: Optional[list] = None) -> None:
+    """Add ``holm_p`` (family members), ``effect`` and ``verdict`` to every non-baseline row, in place.
+
+    ``not_run``: ``task/method`` members that the task's own plan leaves out (``not_run_members``)."""
+    not_run = list(not_run or [])
     family = [r for r in board["rows"] if in_family(board, plan, r)]
     methods = plan.primary.methods or [m for m in plan.methods if m != plan.baseline]
     present = {r["task"] for r in board["rows"] if r["strength"] == float(plan.primary.strength)
@@ -51,12 +56,12 @@ def apply_family(board: dict, plan) -> None:
     board["family"] = {"endpoint": "signed gap of each task's primary metric", "strength": float(plan.primary.strength),
                        "split": board["final_split"], "size": size, "with_p": sum(p is not None for p in pvals),
                        "members": [f"{r['task']}/{r['method']}" for r in family], "correction": "holm",
-                       "tasks": declared, "missing_tasks": missing}
+                       "tasks": declared, "missing_tasks": missing, "not_run": not_run}
     incomplete = bool(missing and plan.primary.family_tasks)  # split over plans, and not all of them are in
     if incomplete:
         board["partial"] = True
     # verdicts are provisional while the family's comparisons are not all in: a task missing, or runs missing
-    provisional = (incomplete or size > len(family)
+    provisional = (incomplete or size - len(not_run) > len(family)
                    or bool(board.get("runs", {}).get("missing") or board.get("runs", {}).get("corrupt")))
     for r in board["rows"]:
         if r["vs_baseline"] is None:
@@ -67,7 +72,18 @@ def apply_family(board: dict, plan) -> None:
         r["verdict"] = verdict(r, base, board["alpha"], member=r in family, provisional=provisional)
 
 
-def restrict_family(board: dict, plan, methods: list[str]) -> None:
+def not_run_members(plans: list, methods: list) -> list[str]:
+    """``task/method`` for each primary ``methods`` entry that a task's own plan does not run (at the primary
+    strength): a design choice declared in that plan, not a run missing from it."""
+    out = []
+    for p in plans:
+        for task, spec in p.tasks.items():
+            if float(p.primary.strength) in spec.strengths:
+                out += [f"{task}/{m}" for m in methods if m not in p.methods]
+    return out
+
+
+def restrict_family(board: dict, plan, methods: list[str], not_run: Optional[list] = None) -> None:
     """Holm and verdicts over a smaller family than the plans declare (protocol §7's fallback, m = 2), applied at
     report time: the final plans stay as run (their hash covers ``primary``), and the board says so."""
     others = [m for m in plan.methods if m != plan.baseline]
@@ -81,7 +97,7 @@ def restrict_family(board: dict, plan, methods: list[str]) -> None:
     p.primary = dataclasses.replace(plan.primary, methods=list(methods))
     for r in board["rows"]:
         r.pop("holm_p", None)
-    apply_family(board, p)
+    apply_family(board, p, [x for x in not_run or [] if x.split("/", 1)[1] in methods])
     board["family"]["restricted"] = {"methods": list(methods), "declared": list(declared)}
 
 
