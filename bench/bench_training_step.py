@@ -11,6 +11,8 @@ TrainingModule) and timed round-robin (one step of each per round; the first rou
 hits them alike. A step is forward + backward + AdamW step on the trainable weights.
 
 - "fp32, PEFT dropout" is the step before this work: fp32 weights, one Bernoulli mask per LoRA layer.
+- "fp32_sum none" is the default before ``lora.fp32_sum`` (2026-12-03): the LoRA sums in bf16; the default now adds
+  them in fp32 (bench/bf16_lora_lag.py for why), and its cost in time and step memory is printed.
 - The limit: the step's matmul FLOPs (torch's FlopCounterMode: mm/bmm/addmm/conv/SDPA, forward and backward)
   divided by this machine's measured matmul rate in the default compute dtype (a 2048^3 mm at the same thread
   count): bf16 where the CPU has bf16 matmul, else fp32 (an emulated bf16 mm there runs at < 1 GFLOP/s).
@@ -179,19 +181,21 @@ def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None, attn_v
     auto = "bf16" if precision.resolve_dtype("auto", "cpu") == torch.bfloat16 else "fp32"
     # On a CPU without bf16, auto is fp32 and the second row would repeat the first: it is then timed as a noise check.
     second = "bf16, PEFT dropout, sdpa" if auto == "bf16" else "fp32, PEFT dropout, sdpa (repeat: noise)"
-    variants = {  # name: (dtype, shared dropout, method, attention, fused LoRA forward)
-        "fp32, PEFT dropout, sdpa (before)": ("float32", False, "lora", "sdpa", False),
-        second: ("auto", False, "lora", "sdpa", False),
-        f"{auto}, shared dropout, sdpa": ("auto", True, "lora", "sdpa", False),
-        f"{auto}, shared dropout, eager": ("auto", True, "lora", "auto", False),
-        f"default (auto: {auto}, shared, eager, fused)": ("auto", True, "lora", "auto", True),
-        "default, fairllava (demo estimator)": ("auto", True, "fairllava", "auto", True),
+    # name: (dtype, shared dropout, method, attention, fused LoRA forward, lora.fp32_sum; None = the default)
+    variants = {
+        "fp32, PEFT dropout, sdpa (before)": ("float32", False, "lora", "sdpa", False, None),
+        second: ("auto", False, "lora", "sdpa", False, None),
+        f"{auto}, shared dropout, sdpa": ("auto", True, "lora", "sdpa", False, None),
+        f"{auto}, shared dropout, eager": ("auto", True, "lora", "auto", False, None),
+        f"{auto}, shared, eager, fused, fp32_sum none": ("auto", True, "lora", "auto", True, "none"),
+        f"default (auto: {auto}, shared, eager, fused, fp32_sum)": ("auto", True, "lora", "auto", True, None),
+        "default, fairllava (demo estimator)": ("auto", True, "fairllava", "auto", True, None),
     }
     if attn_variants:
-        variants["fp32, PEFT dropout, eager"] = ("float32", False, "lora", "eager", False)
+        variants["fp32, PEFT dropout, eager"] = ("float32", False, "lora", "eager", False, None)
     built = {}
-    for name, (dt, shared, method, attn, fused) in variants.items():
-        mod, opt, proc, cdt = build(base, dt, shared, method, attn, fused)
+    for name, (dt, shared, method, attn, fused, fp32_sum) in variants.items():
+        mod, opt, proc, cdt = build(base, dt, shared, method, attn, fused, fp32_sum)
         batch = VLMCollator(proc, vocabs, "train", task_labels=sorted({r["label"] for r in ds.records}))(items)
         built[name] = (mod, opt, batch, cdt)
     times: dict[str, list[float]] = {k: [] for k in built}
@@ -204,7 +208,8 @@ def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None, attn_v
     med = {k: statistics.median(v) for k, v in times.items()}
     before_key = "fp32, PEFT dropout, sdpa (before)"
     before = med[before_key]
-    default = f"default (auto: {auto}, shared, eager, fused)"
+    default = f"default (auto: {auto}, shared, eager, fused, fp32_sum)"
+    old_default = f"{auto}, shared, eager, fused, fp32_sum none"
     fair = "default, fairllava (demo estimator)"
     T = built[default][2]["input_ids"].shape[1]
     print(f"threads={torch.get_num_threads()}  batch={batch_size}  T={T}  rounds={steps}  "
@@ -213,7 +218,7 @@ def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None, attn_v
     for k in built:
         speedups[k] = ratio_spread(times[before_key], times[k])
         m, lo, hi = speedups[k]
-        print(f"{k:44s} {med[k]:6.3f} s/step   x{m:.2f} [{lo:.2f}, {hi:.2f}] vs fp32")
+        print(f"{k:54s} {med[k]:6.3f} s/step   x{m:.2f} [{lo:.2f}, {hi:.2f}] vs fp32")
     flops = matmul_flops(*built[default][:3])
     cdt = built[default][3]
     rate = matmul_rate(cdt)
@@ -222,7 +227,10 @@ def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None, attn_v
     note = "" if name == "bf16" else " (no bf16 matmul on this CPU, so its limit is the fp32 rate)"
     print(f"matmul FLOPs per step {flops / 1e9:.1f} GFLOP; {name} mm rate here {rate / 1e9:.1f} GFLOP/s -> limit "
           f"{limit:.3f} s/step; default step is {med[default] / limit:.1f}x the limit{note}")
-    mem = {k: step_memory(*built[k][:3]) for k in (default, fair)}
+    mem = {k: step_memory(*built[k][:3]) for k in (default, fair, old_default)}
+    cost, clo, chi = ratio_spread(times[default], times[old_default])
+    print(f"lora.fp32_sum (default all vs none): time x{cost:.3f} [{clo:.3f}, {chi:.3f}]  step memory "
+          f"{mem[old_default] / 2**20:.0f} -> {mem[default] / 2**20:.0f} MiB (x{mem[default] / mem[old_default]:.3f})")
     over, olo, ohi = ratio_spread(times[fair], times[default])
     print(f"regulariser overhead: time x{over:.3f} [{olo:.3f}, {ohi:.3f}]  step memory "
           f"{mem[default] / 2**20:.0f} -> {mem[fair] / 2**20:.0f} MiB (x{mem[fair] / mem[default]:.3f})")
@@ -230,7 +238,8 @@ def run(steps: int = 6, batch_size: int = 8, data_dir: str | None = None, attn_v
             "speedup_vs_fp32": speedups[default][0], "speedup_vs_fp32_range": list(speedups[default][1:]),
             "flops": flops, "matmul_rate": rate, "matmul_rate_dtype": name, "limit_seconds": limit,
             "overhead_time": over, "overhead_time_range": [olo, ohi],
-            "overhead_memory": mem[fair] / mem[default], "threads": torch.get_num_threads(), "T": int(T)}
+            "overhead_memory": mem[fair] / mem[default], "fp32_sum_time": cost, "fp32_sum_time_range": [clo, chi],
+            "fp32_sum_memory": mem[default] / mem[old_default], "threads": torch.get_num_threads(), "T": int(T)}
 
 
 # ----------------------------------------------------------------------------- loss curves
