@@ -499,12 +499,43 @@ def test_the_fallback_family_is_applied_at_report_time_and_stated(sweep):
         combine_leaderboards([json.loads(json.dumps(full))], [plan], primary_methods=[])
 
 
+def test_a_method_can_run_at_some_strengths_only():
+    """The S = 0 control for the baseline alone (protocol section 8): the other methods' S = 0 runs are not planned,
+    and no run is copied from a twin that does not run at its strength."""
+    from fairllava.benchmark.runner import plan_steps, twin_of
+
+    d = _plan_dict()
+    d["tasks"]["derm-vqa"]["strengths"] = [1.0, 0.0]
+    d["methods"] = {"early": {"method": "lora", "strengths": [1]}, "lora": {"method": "lora"},
+                    "fairllava": {"method": "fairllava", "strengths": [1.0]}}
+    plan = plan_from_dict(d, "p.yaml")
+    runs = {(s.variant, s.strength, s.seed) for s in plan_steps(plan) if s.kind == "run"}
+    assert runs == {(v, s, k) for k in (2, 3) for v, s in
+                    (("early", 1.0), ("lora", 1.0), ("lora", 0.0), ("fairllava", 1.0))}
+    steps = {(s.variant, s.strength): s for s in plan_steps(plan) if s.kind == "run" and s.seed == 2}
+    assert twin_of(plan, steps["lora", 1.0]) == steps["early", 1.0]  # same settings, same strength
+    assert twin_of(plan, steps["lora", 0.0]) is None  # "early" has no S = 0 run to copy from
+    assert plan.hash != plan_from_dict({**d, "methods": {**d["methods"], "fairllava": {"method": "fairllava"}}},
+                                       "p.yaml").hash
+    for edit, message in [
+        (lambda m: m["fairllava"].update(strengths=[0.5]), "methods.fairllava.strengths: 0.5 is not a strength"),
+        (lambda m: m["lora"].update(strengths=[1.0]), "methods.lora.strengths: the baseline runs at every strength"),
+        (lambda m: m["fairllava"].update(strengths=[0.0]), "a primary method runs at the primary strength 1.0"),
+        (lambda m: m["fairllava"].update(strengths=[]), "methods.fairllava.strengths: expected a non-empty list"),
+    ]:
+        bad = {**d, "methods": {k: dict(v) for k, v in d["methods"].items()}}
+        edit(bad["methods"])
+        with pytest.raises(FairllavaError, match=message):
+            plan_from_dict(bad, "p.yaml")
+
+
 def test_schema_keys_at_their_default_leave_the_plan_hash_unchanged():
     d = _plan_dict()
     h = plan_from_dict(d, "p.yaml").hash
     d["tasks"]["derm-vqa"]["stage2"] = {}
     d["methods"]["lora"]["task_settings"] = {}
     d["primary"]["family_tasks"] = None
+    d["methods"]["lora"]["strengths"] = None
     assert plan_from_dict(d, "p.yaml").hash == h
     d["tasks"]["derm-vqa"]["stage2"] = {"optim": {"max_steps": 4}}
     assert plan_from_dict(d, "p.yaml").hash != h

@@ -99,6 +99,9 @@ class MethodSpec:
     # Final plans: per task, overrides deep-merged over ``settings`` (the selection chooses per task; `fairllava
     # benchmark check FINAL --against SELECTION_DIR` verifies they are the chosen ones). Not with ``trials``.
     task_settings: dict = field(default_factory=dict)
+    # The shortcut strengths this method runs at; None = every strength of every task. Why: a final plan may run
+    # the S = 0 control for the baseline alone (protocol §8), where each extra run costs an hour of CPU.
+    strengths: Optional[list] = None
     description: Optional[str] = None
 
 
@@ -169,6 +172,8 @@ class Plan:
         for spec in d["methods"].values():
             if not spec.get("task_settings"):
                 spec.pop("task_settings", None)
+            if spec.get("strengths") is None:
+                spec.pop("strengths", None)
         if d["primary"].get("family_tasks") is None:
             d["primary"].pop("family_tasks", None)
         return f"{stable_hash(json.dumps(d, sort_keys=True)):016x}"
@@ -183,6 +188,11 @@ class Plan:
             for k, trial in enumerate(m.trials):
                 out[f"{name}-t{k}"] = (name, _deep_merge(copy.deepcopy(m.settings), trial))
         return out
+
+    def runs_at(self, variant: str, strength: float) -> bool:
+        """Whether the run name ``variant`` (a method or one of its trials) runs at shortcut ``strength``."""
+        listed = self.methods[self.method_variants()[variant][0]].strengths
+        return listed is None or float(strength) in listed
 
     def seeds(self, task: str, split: str) -> list[int]:
         return list(getattr(self.tasks[task].seeds, SEED_SET[split]))
@@ -286,6 +296,24 @@ def validate_plan(plan: Plan) -> None:
         if m.task_settings and m.trials:
             raise FairllavaError(f"{src}: methods.{name}: task_settings and trials together (trials are for "
                                  "selection plans, task_settings for the final plan)")
+    all_strengths = {s for spec in plan.tasks.values() for s in spec.strengths}
+    primary_methods = plan.primary.methods or [m for m in plan.methods if m != plan.baseline]
+    for name, m in plan.methods.items():
+        if m.strengths is None:
+            continue
+        where = f"{src}: methods.{name}.strengths"
+        if (not isinstance(m.strengths, list) or not m.strengths or len(set(m.strengths)) != len(m.strengths)
+                or any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in m.strengths)):
+            raise FairllavaError(f"{where}: expected a non-empty list of distinct numbers, got {m.strengths!r}")
+        m.strengths = [float(s) for s in m.strengths]
+        stray = [s for s in m.strengths if s not in all_strengths]
+        if stray:
+            raise FairllavaError(f"{where}: {stray[0]} is not a strength of any task (tasks' strengths: "
+                                 f"{sorted(all_strengths)})")
+        if name == plan.baseline and set(m.strengths) != all_strengths:
+            raise FairllavaError(f"{where}: the baseline runs at every strength (it is every comparison's reference)")
+        if name in primary_methods and float(plan.primary.strength) not in m.strengths:
+            raise FairllavaError(f"{where}: a primary method runs at the primary strength {plan.primary.strength}")
     if plan.baseline not in plan.methods or plan.methods[plan.baseline].trials:
         raise FairllavaError(f"{src}: baseline: {plan.baseline!r} must name a method without trials "
                              f"(methods: {', '.join(plan.methods)})")

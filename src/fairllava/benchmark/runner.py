@@ -90,7 +90,8 @@ def plan_steps(plan: Plan) -> list[Step]:
             for seed in plan.seeds(task, split):
                 for s in spec.strengths:
                     for variant in plan.method_variants():
-                        add(Step("run", task, seed, s, variant, split))
+                        if plan.runs_at(variant, s):
+                            add(Step("run", task, seed, s, variant, split))
     return steps
 
 
@@ -126,7 +127,7 @@ def twin_of(plan: Plan, step: Step) -> Optional[Step]:
         for v in plan.method_variants():
             if v == step.variant:
                 break
-            if key(v) == mine:
+            if plan.runs_at(v, step.strength) and key(v) == mine:
                 cache[step] = Step("run", step.task, step.seed, step.strength, v, step.split)
                 break
     return cache[step]
