@@ -73,6 +73,8 @@ def test_smoke_sweep_runs_every_step_and_writes_the_leaderboard(sweep):
     for run in _run_dirs(out):
         assert {p.name for p in run.iterdir()} == {"train", "generate", "evaluate", "audit", "DONE.json"}
         assert not (run / "train" / "checkpoints").exists()
+        machine = read_done(run)["machine"]  # which CPU (or GPU) ran it: a sweep may span CPUs of one dtype
+        assert machine["device"] in ("cpu", "cuda") and machine["name"]
     assert all(r["leakage"]["index0"]["within_label"] is not None for r in board["rows"])
     print(f"smoke sweep: {seconds:.1f} s")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -381,6 +382,26 @@ def compute_identity() -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return {"device": device, "dtype": canonical_dtype_name(resolve_dtype("auto", device))}
+
+
+def machine_identity() -> dict:
+    """The processor a run ran on, recorded in its DONE.json and not checked on resume: runs of one sweep may come
+    from CPUs of one compute dtype with different kernels (AMX or avx512_bf16 alone), which the board can then say."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"device": "cuda", "name": torch.cuda.get_device_name(0)}
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read()
+        name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), name)
+    except OSError:  # pragma: no cover - not Linux
+        info = ""
+    return {"device": "cpu", "name": name, "capability": torch.backends.cpu.get_cpu_capability(),
+            "amx_bf16": " amx_bf16" in info, "cores": os.cpu_count()}
 
 
 def folder_identity(plan: Plan) -> dict:

@@ -158,6 +158,10 @@ def execute_step(plan: Plan, out: Path, step: Step, threads: int, progress: bool
         torch.set_num_threads(old_threads)
     info = {"step": step.id, "plan_hash": plan.hash, "threads": threads,
             "seconds": round(time.perf_counter() - t0, 1), **(info or {})}
+    if step.kind == "run":
+        from .plan import machine_identity
+
+        info["machine"] = machine_identity()
     return write_done(folder, info)
 
 

@@ -17,8 +17,8 @@ the optimizer learned, and bf16's loss curve lags fp32's in the first steps (doc
 ``"residual"`` sums in fp32 and returns fp32 for the projections that write into the residual stream (o_proj,
 down_proj and their namesakes), so the residual stream stays fp32; ``"all"`` does so for every LoRA layer;
 ``"none"`` keeps the compute dtype; ``"auto"`` (the default of ``lora.fp32_sum``) is ``all`` with the fused
-forward and ``none`` without it (PEFT's own forward sums in the compute dtype). Under fp32 compute, and outside autocast (bf16 inference), all three are
-the same.
+forward and ``none`` without it (PEFT's own forward sums in the compute dtype). Under fp32 compute, and outside
+autocast (bf16 inference), every choice computes the same.
 
 Sibling groups are only formed where the layers' dropout is one shared module or off, since independent
 masks (PEFT's default) cannot share ``drop(x)``. The identity of the input tensor decides at run time, as
@@ -147,8 +147,8 @@ def _siblings(children: dict[str, nn.Module]) -> list[list[nn.Module]]:
 def fuse_lora(peft_model: nn.Module, fp32_sum: str = "auto") -> int:
     """Give every vanilla LoRA Linear of ``peft_model`` the fused forward; returns how many layers changed.
 
-    ``fp32_sum``: ``auto`` (= ``all`` here) / ``none`` / ``residual`` / ``all`` (module docstring). Idempotent. Parameters, names and the
-    saved adapter are untouched (PEFT saves and loads it as before).
+    ``fp32_sum``: ``auto`` (= ``all`` here) / ``none`` / ``residual`` / ``all`` (module docstring). Idempotent.
+    Parameters, names and the saved adapter are untouched (PEFT saves and loads it as before).
     """
     if fp32_sum not in FP32_SUM_CHOICES:
         raise ValueError(f"fp32_sum={fp32_sum!r}: expected one of {', '.join(FP32_SUM_CHOICES)}")
